@@ -1,0 +1,177 @@
+"""The one merge loop, shared by the in-memory API and the streaming engine.
+
+statistics passes (each: one sweep, or two for exact order statistics) -> apply pass -> emit.
+Inputs come through reader callables, so the same code runs on dicts of tensors and on
+memory-mapped checkpoint slices; that is what makes streaming equal in-memory bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightmerge.engine.select import RadixSelect
+from weightmerge.methods.base import EMRTensor, MethodSpec, OrderStat, Reduce, StatRequest, TensorCtx
+
+Rows = tuple[int, int] | None  # [start, stop) along dim 0, or None for the whole tensor
+Reader = Callable[[str, Rows], torch.Tensor]
+
+
+@dataclass
+class MergeInputs:
+    """What the driver needs to know about the inputs; tensors are read lazily through readers."""
+
+    names: Sequence[str]  # tensors to merge, in sorted order
+    shapes: Mapping[str, tuple[int, ...]]
+    base: Reader | None
+    models: Sequence[Reader]
+    params_for: Callable[[str], Mapping[str, Any]]  # resolved params of one tensor
+    model_params: Mapping[str, Any]  # resolved model-level params (for passes / finalize)
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    chunk_rows: Callable[[str], int | None] = lambda _name: None  # rows per chunk; None = whole
+    aux: Callable[[str, Rows], Mapping[str, torch.Tensor]] = lambda _name, _rows: {}
+    progress: Callable[[str, str], None] | None = None  # (phase, tensor name)
+    prefetch: bool = False  # read the next chunk on a helper thread while computing the current
+
+
+@dataclass
+class MergeOutcome:
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _chunks(shape: tuple[int, ...], rows: int | None) -> Iterator[Rows]:
+    if len(shape) < 2 or rows is None or rows >= shape[0]:
+        yield None
+        return
+    rows = max(1, rows)
+    for start in range(0, shape[0], rows):
+        yield (start, min(shape[0], start + rows))
+
+
+def _load(inp: MergeInputs, method: MethodSpec, name: str, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+    dt = inp.compute_dtype
+    base = inp.base(name, rows).to(dt) if inp.base is not None else None
+    first = inp.models[0](name, rows)
+    x = torch.empty((len(inp.models), *first.shape), dtype=dt)
+    x[0].copy_(first)
+    del first
+    for i in range(1, len(inp.models)):
+        x[i].copy_(inp.models[i](name, rows))
+    if method.inputs == "deltas":
+        if base is None:
+            raise ValueError(f"method {method.name!r} needs a base model (tensor {name!r})")
+        x.sub_(base)
+    return base, x
+
+
+def _iter_loaded(
+    inp: MergeInputs, method: MethodSpec, chunked: bool
+) -> Iterator[tuple[str, Rows, torch.Tensor | None, torch.Tensor]]:
+    jobs = [(name, rows) for name in inp.names for rows in _chunks(inp.shapes[name], inp.chunk_rows(name) if chunked else None)]
+    if not inp.prefetch or len(jobs) < 2:
+        for name, rows in jobs:
+            base, x = _load(inp, method, name, rows)
+            yield name, rows, base, x
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-read") as pool:
+        fut = pool.submit(_load, inp, method, *jobs[0])
+        for k, (name, rows) in enumerate(jobs):
+            base, x = fut.result()
+            if k + 1 < len(jobs):
+                fut = pool.submit(_load, inp, method, *jobs[k + 1])
+            yield name, rows, base, x
+
+
+def _ctx(inp: MergeInputs, name: str, rows: Rows, base: torch.Tensor | None, x: torch.Tensor,
+         stats: Mapping[str, torch.Tensor]) -> TensorCtx:
+    return TensorCtx(
+        name=name, base=base, x=x, params=inp.params_for(name), stats=stats, seed=inp.seed,
+        full_shape=tuple(inp.shapes[name]), row_start=0 if rows is None else rows[0], aux=inp.aux(name, rows),
+    )
+
+
+def _combine(a: torch.Tensor | None, b: torch.Tensor, op: str) -> torch.Tensor:
+    if a is None:
+        return b
+    if op == "sum":
+        return a + b
+    return torch.maximum(a, b) if op == "max" else torch.minimum(a, b)
+
+
+def _run_pass(inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest],
+              stats: dict[str, torch.Tensor]) -> None:
+    reduces = [r for r in requests if isinstance(r, Reduce)]
+    orders = [r for r in requests if isinstance(r, OrderStat)]
+    n = len(inp.models)
+    selects = {o.key: RadixSelect(n, what=o.key) for o in orders}
+    totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
+    pending: dict[str, list[torch.Tensor]] = {r.key: [] for r in reduces}
+    current: str | None = None
+
+    def close_tensor(name: str) -> None:
+        for r in reduces:
+            part = torch.cat(pending[r.key], dim=1)
+            pending[r.key] = []
+            red = part.sum(dim=1) if r.op == "sum" else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
+            if r.per_tensor_mean:
+                numel = 1
+                for s in inp.shapes[name]:
+                    numel *= s
+                red = red / max(numel, 1)
+            totals[r.key] = _combine(totals[r.key], red, r.op)
+
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+        if inp.progress:
+            inp.progress("stats", name)
+        if current is not None and name != current and reduces:
+            close_tensor(current)
+        current = name
+        ctx = _ctx(inp, name, rows, base, x, stats)
+        for r in reduces:
+            pending[r.key].append(r.fn(ctx).to(torch.float64))
+        for o in orders:
+            selects[o.key].add_level1(o.fn(ctx), name)
+    if current is not None and reduces:
+        close_tensor(current)
+    for o in orders:
+        sel = selects[o.key]
+        if int(sel.count.min()) == 0:
+            raise ValueError(f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)")
+        sel.finish_level1(torch.tensor([o.rank(int(c)) for c in sel.count], dtype=torch.int64))
+    if orders:
+        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+            ctx = _ctx(inp, name, rows, base, x, stats)
+            for o in orders:
+                selects[o.key].add_level2(o.fn(ctx), name)
+    for r in reduces:
+        t = totals[r.key]
+        stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
+    for o in orders:
+        stats[o.key] = selects[o.key].finish_level2()
+
+
+def run_merge(
+    inp: MergeInputs,
+    method: MethodSpec,
+    emit: Callable[[str, Rows, torch.Tensor | EMRTensor], None],
+) -> MergeOutcome:
+    """Run the statistics passes, then the apply pass; ``emit`` receives each merged tensor/chunk
+    in the compute dtype (casting to the output dtype is the sink's job)."""
+    if len(inp.models) < 1:
+        raise ValueError("no models to merge")
+    stats: dict[str, torch.Tensor] = {}
+    for requests in method.passes(inp.model_params):
+        _run_pass(inp, method, requests, stats)
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.elementwise):
+        if inp.progress:
+            inp.progress("apply", name)
+        out = method.apply(_ctx(inp, name, rows, base, x, stats))
+        emit(name, rows, out)
+    return MergeOutcome(stats=stats, extras=method.finalize(stats, inp.model_params))

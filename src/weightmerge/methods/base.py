@@ -1,0 +1,160 @@
+"""The method contract: what every merge method declares and receives.
+
+A method is a :class:`MethodSpec`: a name, typed parameters, optional *statistics passes* (for
+methods whose statistics span the whole model, e.g. paper TIES, global PCB, EMR's rescalers) and
+an ``apply`` function that merges one tensor (or one row-chunk of it) given a :class:`TensorCtx`.
+
+The same driver (``weightmerge.engine.driver``) runs every method both in memory
+(``merge_state_dicts``) and streamed from checkpoint files, so the two agree bit for bit.
+
+Statistics are declared, never computed ad hoc:
+
+* :class:`Reduce` -- an associative reduction. ``fn`` returns float64 *per-row partials* of shape
+  ``(n_models, rows_in_chunk)`` (row = slice along dim 0; 0-d and 1-d tensors are one row). The
+  driver concatenates the partials of a tensor's chunks, reduces them once (so row-chunking never
+  changes the bits), optionally divides by the tensor's numel (``per_tensor_mean``) and then
+  reduces across tensors in sorted-name order.
+* :class:`OrderStat` -- an exact order statistic per model row over the whole model: the value of
+  rank ``rank(D)`` (0-based, ascending) of the float32 values ``fn`` yields, where ``D`` is the
+  total number of values per row. Found by an exact two-level radix select (two passes over the
+  data, 2 x 65536 counters per row), never by materialising the model.
+
+Stats produced by pass *k* are visible (``ctx.stats``) to the functions of later passes and to
+``apply``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Tensor = torch.Tensor
+ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One user-facing parameter of a method (YAML / ``params`` name)."""
+
+    name: str
+    kind: ParamKind
+    default: Any
+    help: str
+    per_model: bool = False  # a list with one value per model is accepted (or a scalar)
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be > low (else >=)
+    high_open: bool = False  # True: value must be < high (else <=)
+    required: bool = False
+    tensor_scoped: bool = True  # may vary per tensor (filters / gradients); False = model-level
+
+
+@dataclass(frozen=True)
+class TensorCtx:
+    """Everything a method sees for one tensor, or one row-chunk ``[row_start, row_stop)`` of it.
+
+    ``x`` is a scratch buffer owned by the method for this call: ``(n_models, *chunk_shape)`` in the
+    compute dtype, holding task vectors (theta_i - theta_0) when the method's ``inputs`` is
+    ``"deltas"`` and raw weights when it is ``"weights"``. The method may overwrite it (the driver
+    built it from the inputs and will not reuse it); this keeps peak memory at about
+    (n_models + a few) x the tensor. User inputs are never mutated.
+    """
+
+    name: str
+    base: Tensor | None  # (*chunk_shape) compute dtype, or None (no base model)
+    x: Tensor  # (n_models, *chunk_shape)
+    params: Mapping[str, Any]  # resolved for this tensor; per-model params are tuples of length n
+    stats: Mapping[str, Tensor]  # finished global statistics of earlier passes
+    seed: int
+    full_shape: tuple[int, ...]
+    row_start: int = 0  # chunk rows along dim 0 (0 for a whole tensor)
+    aux: Mapping[str, Tensor] = field(default_factory=dict)  # per-tensor statistics, e.g. fisher
+
+    @property
+    def n_models(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def element_offset(self) -> int:
+        """Flat index of the chunk's first element in the full tensor."""
+        row_numel = 1
+        for s in self.full_shape[1:]:
+            row_numel *= s
+        return self.row_start * row_numel
+
+
+@dataclass(frozen=True)
+class Reduce:
+    key: str
+    fn: Callable[[TensorCtx], Tensor]  # -> float64 (n_models, rows_in_chunk)
+    op: Literal["sum", "max", "min"] = "sum"
+    per_tensor_mean: bool = False  # divide each tensor's reduced partial by its numel
+
+
+@dataclass(frozen=True)
+class OrderStat:
+    key: str
+    fn: Callable[[TensorCtx], Tensor]  # -> float32 (n_models, numel_in_chunk), no NaN
+    rank: Callable[[int], int]  # total count per row D -> 0-based ascending rank
+
+
+StatRequest = Reduce | OrderStat
+
+
+@dataclass(frozen=True)
+class EMRTensor:
+    """EMR's per-tensor output: the unified task vector and one boolean mask per model."""
+
+    unified: Tensor  # (*shape) compute dtype
+    masks: Tensor  # (n_models, *shape) bool
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    paper: str
+    params: tuple[Param, ...]
+    apply: Callable[[TensorCtx], Tensor | EMRTensor]
+    inputs: Literal["deltas", "weights"] = "deltas"
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    # Statistics passes, built from the model-level params: a list of passes, each a list of requests.
+    passes: Callable[[Mapping[str, Any]], Sequence[Sequence[StatRequest]]] = lambda _p: ()
+    # True: apply() may be called on row-chunks (no whole-tensor statistic inside apply).
+    elementwise: bool = True
+    # Per-tensor statistics the method reads from ``ctx.aux`` (keys of params holding dicts).
+    aux_inputs: tuple[str, ...] = ()
+    # Cross-parameter validation on model-level params; raise ValueError with a clear message.
+    check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
+    # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
+    finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def row_partials(t: Tensor, full_ndim: int, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
+    """Per-row float64 partials ``(n_models, rows)`` of a stacked chunk ``t`` of shape (n, *chunk_shape).
+
+    A row is a slice along the tensor's dim 0; tensors of 0 or 1 dims are a single row.
+    """
+    n = t.shape[0]
+    t = t.to(torch.float64)
+    flat = t.reshape(n, 1, -1) if full_ndim <= 1 else t.reshape(n, t.shape[1], -1)
+    if flat.shape[-1] == 0:
+        fill = {"sum": 0.0, "max": -float("inf"), "min": float("inf")}[op]
+        return torch.full(flat.shape[:2], fill, dtype=torch.float64)
+    if op == "sum":
+        return flat.sum(dim=-1)
+    if op == "max":
+        return flat.amax(dim=-1)
+    return flat.amin(dim=-1)

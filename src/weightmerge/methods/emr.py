@@ -1,0 +1,3 @@
+from weightmerge.methods._stub import stub
+
+SPEC = stub("emr")

@@ -1,0 +1,33 @@
+"""The explicit registry of merge methods: name -> MethodSpec. Add new methods here."""
+
+from __future__ import annotations
+
+from weightmerge.methods import dare, emr, fisher, linear, pcb, regmean, task_arithmetic, ties
+from weightmerge.methods._params import did_you_mean
+from weightmerge.methods.base import MethodSpec
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        linear.SPEC,
+        task_arithmetic.SPEC,
+        ties.SPEC,
+        dare.LINEAR_SPEC,
+        dare.TIES_SPEC,
+        pcb.SPEC,
+        emr.SPEC,
+        fisher.SPEC,
+        regmean.SPEC,
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string name, got {type(name).__name__}")
+    try:
+        return METHODS[name]
+    except KeyError:
+        alias = name.replace("-", "_").lower()
+        hint = f" (did you mean {alias!r}?)" if alias in METHODS else did_you_mean(name, list(METHODS))
+        raise ValueError(f"unknown merge method {name!r}{hint}; known: {sorted(METHODS)}") from None
