@@ -49,7 +49,9 @@ class EMRResult:
         return out
 
 
-def emr_reconstruct(base: torch.Tensor, unified: torch.Tensor, mask: torch.Tensor, rescaler: torch.Tensor) -> torch.Tensor:
+def emr_reconstruct(
+    base: torch.Tensor, unified: torch.Tensor, mask: torch.Tensor, rescaler: torch.Tensor
+) -> torch.Tensor:
     """The one definition of EMR's task reconstruction (used by the API, artifacts and switching)."""
     delta = unified * mask.to(unified.dtype) * rescaler.to(unified.dtype)
     return (base.to(unified.dtype) + delta).to(base.dtype)
@@ -70,7 +72,9 @@ def _check_inputs(base: StateDict | None, models: Sequence[StateDict], spec: Met
         raise ValueError(f"method {spec.name!r} takes at most {spec.max_models} models, got {len(models)}")
     if spec.needs_base and base is None:
         raise ValueError(f"method {spec.name!r} needs a base model (base=None given)")
-    for label, sd in ([("base", base)] if base is not None else []) + [(f"model {i}", m) for i, m in enumerate(models)]:
+    for label, sd in ([("base", base)] if base is not None else []) + [
+        (f"model {i}", m) for i, m in enumerate(models)
+    ]:
         if not isinstance(sd, Mapping):
             raise TypeError(f"{label} must be a mapping name -> tensor, got {type(sd).__name__}")
         for k, v in sd.items():
@@ -90,7 +94,9 @@ def plan_names(
     for i, m in enumerate(models):
         extra = sorted(set(m) - set(ref))
         if extra:
-            raise ValueError(f"model {i} has tensor {extra[0]!r} that {ref_label} lacks ({len(extra)} such tensors)")
+            raise ValueError(
+                f"model {i} has tensor {extra[0]!r} that {ref_label} lacks ({len(extra)} such tensors)"
+            )
     for name in sorted(ref):
         r = ref[name]
         present = [m[name] for m in models if name in m]
@@ -103,7 +109,9 @@ def plan_names(
         if not _is_float(r) or not all(_is_float(t) for t in present):
             for i, m in enumerate(models):
                 if name in m and not torch.equal(m[name].to(r.dtype), r):
-                    raise ValueError(f"non-floating tensor {name!r} differs between {ref_label} and model {i}")
+                    raise ValueError(
+                        f"non-floating tensor {name!r} differs between {ref_label} and model {i}"
+                    )
             copied[name] = "not floating point"
         elif len(present) != len(models):
             missing = [i for i, m in enumerate(models) if name not in m]
@@ -149,7 +157,7 @@ def merge_state_dicts(
     names, copied = plan_names(base, models, exclude)
     ref = base if base is not None else models[0]
 
-    def reader(sd: StateDict):  # noqa: ANN202
+    def reader(sd: StateDict):
         def read(name: str, rows: Rows) -> torch.Tensor:
             t = sd[name]
             return t if rows is None else t[rows[0] : rows[1]]

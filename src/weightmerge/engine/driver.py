@@ -53,7 +53,9 @@ def _chunks(shape: tuple[int, ...], rows: int | None) -> Iterator[Rows]:
         yield (start, min(shape[0], start + rows))
 
 
-def _load(inp: MergeInputs, method: MethodSpec, name: str, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _load(
+    inp: MergeInputs, method: MethodSpec, name: str, rows: Rows
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     dt = inp.compute_dtype
     base = inp.base(name, rows).to(dt) if inp.base is not None else None
     first = inp.models[0](name, rows)
@@ -72,7 +74,11 @@ def _load(inp: MergeInputs, method: MethodSpec, name: str, rows: Rows) -> tuple[
 def _iter_loaded(
     inp: MergeInputs, method: MethodSpec, chunked: bool
 ) -> Iterator[tuple[str, Rows, torch.Tensor | None, torch.Tensor]]:
-    jobs = [(name, rows) for name in inp.names for rows in _chunks(inp.shapes[name], inp.chunk_rows(name) if chunked else None)]
+    jobs = [
+        (name, rows)
+        for name in inp.names
+        for rows in _chunks(inp.shapes[name], inp.chunk_rows(name) if chunked else None)
+    ]
     if not inp.prefetch or len(jobs) < 2:
         for name, rows in jobs:
             base, x = _load(inp, method, name, rows)
@@ -89,11 +95,24 @@ def _iter_loaded(
             yield name, rows, base, x
 
 
-def _ctx(inp: MergeInputs, name: str, rows: Rows, base: torch.Tensor | None, x: torch.Tensor,
-         stats: Mapping[str, torch.Tensor]) -> TensorCtx:
+def _ctx(
+    inp: MergeInputs,
+    name: str,
+    rows: Rows,
+    base: torch.Tensor | None,
+    x: torch.Tensor,
+    stats: Mapping[str, torch.Tensor],
+) -> TensorCtx:
     return TensorCtx(
-        name=name, base=base, x=x, params=inp.params_for(name), stats=stats, seed=inp.seed,
-        full_shape=tuple(inp.shapes[name]), row_start=0 if rows is None else rows[0], aux=inp.aux(name, rows),
+        name=name,
+        base=base,
+        x=x,
+        params=inp.params_for(name),
+        stats=stats,
+        seed=inp.seed,
+        full_shape=tuple(inp.shapes[name]),
+        row_start=0 if rows is None else rows[0],
+        aux=inp.aux(name, rows),
     )
 
 
@@ -105,8 +124,9 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, op: str) -> torch.Tensor:
     return torch.maximum(a, b) if op == "max" else torch.minimum(a, b)
 
 
-def _run_pass(inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest],
-              stats: dict[str, torch.Tensor]) -> None:
+def _run_pass(
+    inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest], stats: dict[str, torch.Tensor]
+) -> None:
     reduces = [r for r in requests if isinstance(r, Reduce)]
     orders = [r for r in requests if isinstance(r, OrderStat)]
     n = len(inp.models)
@@ -119,7 +139,11 @@ def _run_pass(inp: MergeInputs, method: MethodSpec, requests: Sequence[StatReque
         for r in reduces:
             part = torch.cat(pending[r.key], dim=1)
             pending[r.key] = []
-            red = part.sum(dim=1) if r.op == "sum" else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
+            red = (
+                part.sum(dim=1)
+                if r.op == "sum"
+                else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
+            )
             if r.per_tensor_mean:
                 numel = 1
                 for s in inp.shapes[name]:
@@ -143,7 +167,9 @@ def _run_pass(inp: MergeInputs, method: MethodSpec, requests: Sequence[StatReque
     for o in orders:
         sel = selects[o.key]
         if int(sel.count.min()) == 0:
-            raise ValueError(f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)")
+            raise ValueError(
+                f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)"
+            )
         sel.finish_level1(torch.tensor([o.rank(int(c)) for c in sel.count], dtype=torch.int64))
     if orders:
         for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
@@ -169,7 +195,7 @@ def run_merge(
     stats: dict[str, torch.Tensor] = {}
     for requests in method.passes(inp.model_params):
         _run_pass(inp, method, requests, stats)
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.elementwise):
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.is_elementwise(inp.model_params)):
         if inp.progress:
             inp.progress("apply", name)
         out = method.apply(_ctx(inp, name, rows, base, x, stats))

@@ -26,7 +26,9 @@ def uniform(seed: int, name: str, model: int, offset: int, numel: int, full_nume
     on the tensor, never on how it is chunked.
     """
     if offset < 0 or offset + numel > full_numel:
-        raise ValueError(f"draws [{offset}, {offset + numel}) outside tensor {name!r} of {full_numel} elements")
+        raise ValueError(
+            f"draws [{offset}, {offset + numel}) outside tensor {name!r} of {full_numel} elements"
+        )
     out = torch.empty(numel, dtype=torch.float32)
     if numel == 0:
         return out

@@ -11,8 +11,12 @@ from weightmerge.methods.base import MethodSpec
 
 
 def gather_aux(
-    spec: MethodSpec, params: Mapping[str, Any], name: str, rows: tuple[int, int] | None,
-    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+    spec: MethodSpec,
+    params: Mapping[str, Any],
+    name: str,
+    rows: tuple[int, int] | None,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Stack the per-model statistics a method needs for tensor ``name`` (see each method)."""
     out: dict[str, torch.Tensor] = {}

@@ -126,14 +126,18 @@ class MethodSpec:
     max_models: int | None = None
     # Statistics passes, built from the model-level params: a list of passes, each a list of requests.
     passes: Callable[[Mapping[str, Any]], Sequence[Sequence[StatRequest]]] = lambda _p: ()
-    # True: apply() may be called on row-chunks (no whole-tensor statistic inside apply).
-    elementwise: bool = True
+    # True: apply() may be called on row-chunks (no whole-tensor statistic inside apply). A callable
+    # decides from the model-level params (e.g. PCB: global scope is element-wise, per_tensor is not).
+    elementwise: bool | Callable[[Mapping[str, Any]], bool] = True
     # Per-tensor statistics the method reads from ``ctx.aux`` (keys of params holding dicts).
     aux_inputs: tuple[str, ...] = ()
     # Cross-parameter validation on model-level params; raise ValueError with a clear message.
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
     # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+
+    def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
+        return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -29,7 +29,9 @@ def task_arithmetic_merge(
 def _apply(ctx: TensorCtx) -> torch.Tensor:
     assert ctx.base is not None
     w = torch.tensor(ctx.params["weight"], dtype=ctx.x.dtype)
-    return task_arithmetic_merge(ctx.base, ctx.x, w, lam=ctx.params["lambda"], normalize=ctx.params["normalize"])
+    return task_arithmetic_merge(
+        ctx.base, ctx.x, w, lam=ctx.params["lambda"], normalize=ctx.params["normalize"]
+    )
 
 
 SPEC = MethodSpec(
