@@ -47,8 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
-    p.add_argument("name", nargs="*", choices=sorted(METHODS) + [[]], help="only these methods")
+    p.add_argument("name", nargs="*", choices=[*sorted(METHODS), []], help="only these methods")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run)

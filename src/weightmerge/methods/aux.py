@@ -30,6 +30,6 @@ def gather_aux(
         if any(f is None for f in found):
             missing = [i for i, f in enumerate(found) if f is None]
             raise ValueError(f"{key}: statistics for tensor {name!r} missing for model(s) {missing}")
-        t = torch.stack([f.to(dtype) for f in found])  # type: ignore[union-attr]
+        t = torch.stack([f.to(dtype) for f in found])
         out[key] = t if rows is None else t[:, rows[0] : rows[1]]
     return out
