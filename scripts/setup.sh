@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian data packages (for the built-in benchmark), a virtual environment
 # in .venv with the CPU build of torch 2.13.0, weightmerge and its extras. Idempotent.
+# With --test, also the test-only oracles (mergekit 0.1.5, fusion-bench 0.2.33).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEB_PACKAGES="wordnet-base fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-eo"
@@ -9,14 +10,23 @@ for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
+# pip, quietly (this machine's pip prints one warning line per unused local index)
+pipq() {
+  .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+  return "${PIPESTATUS[0]}"
+}
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/pip install -q --disable-pip-version-check -e ".[eval,dev]" 2>&1 | grep -v '^WARNING: Location' || true
+pipq "torch==2.13.0"
+pipq -e ".[eval,dev]"
 if [ "${1:-}" = "--test" ]; then
-  # test-only oracle: mergekit's in-memory API needs only torch, numpy, pydantic, typing_extensions
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps "mergekit==0.1.5" 2>&1 | grep -v '^WARNING: Location' || true
+  # test-only oracle: mergekit 0.1.5 (its in-memory API and mergekit-yaml); torch 2.13.0 already
+  # satisfies its torch>=2.0, so nothing pulls another torch.
+  pipq "mergekit==0.1.5"
+  # EMR oracle (tests/test_emr.py): fusion-bench's deps (lightning, hydra, ...) accept torch 2.13.0
+  pipq "fusion-bench==0.2.33"
 fi
 .venv/bin/python -c "import torch, weightmerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"

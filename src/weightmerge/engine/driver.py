@@ -131,6 +131,8 @@ def _run_pass(
     orders = [r for r in requests if isinstance(r, OrderStat)]
     n = len(inp.models)
     selects = {o.key: RadixSelect(n, what=o.key) for o in orders}
+    wide: set[str] = set()  # order statistics whose fn yields float64: refined to exact float64
+    ranks: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
     pending: dict[str, list[torch.Tensor]] = {r.key: [] for r in reduces}
     current: str | None = None
@@ -161,7 +163,10 @@ def _run_pass(
         for r in reduces:
             pending[r.key].append(r.fn(ctx).to(torch.float64))
         for o in orders:
-            selects[o.key].add_level1(o.fn(ctx), name)
+            values = o.fn(ctx)
+            if values.dtype == torch.float64:
+                wide.add(o.key)
+            selects[o.key].add_level1(values, name)
     if current is not None and reduces:
         close_tensor(current)
     for o in orders:
@@ -170,9 +175,12 @@ def _run_pass(
             raise ValueError(
                 f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)"
             )
-        sel.finish_level1(torch.tensor([o.rank(int(c)) for c in sel.count], dtype=torch.int64))
+        ranks[o.key] = torch.tensor([o.rank(int(c)) for c in sel.count], dtype=torch.int64)
+        sel.finish_level1(ranks[o.key])
     if orders:
         for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+            if inp.progress:
+                inp.progress("stats", name)
             ctx = _ctx(inp, name, rows, base, x, stats)
             for o in orders:
                 selects[o.key].add_level2(o.fn(ctx), name)
@@ -181,6 +189,82 @@ def _run_pass(
         stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
     for o in orders:
         stats[o.key] = selects[o.key].finish_level2()
+    if wide:
+        _refine_float64(inp, method, [o for o in orders if o.key in wide], ranks, stats)
+
+
+def _select_sweeps(
+    inp: MergeInputs,
+    method: MethodSpec,
+    fns: Mapping[str, Callable[[TensorCtx], torch.Tensor]],
+    ranks: Mapping[str, torch.Tensor],
+    stats: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Exact float32 order statistics of the values ``fns`` yield: two sweeps over the data."""
+    selects = {k: RadixSelect(len(inp.models), what=k) for k in fns}
+    for level in (1, 2):
+        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+            if inp.progress:
+                inp.progress("stats", name)
+            ctx = _ctx(inp, name, rows, base, x, stats)
+            for k, fn in fns.items():
+                sel = selects[k]
+                (sel.add_level1 if level == 1 else sel.add_level2)(fn(ctx), name)
+        if level == 1:
+            for k, sel in selects.items():
+                sel.finish_level1(ranks[k])
+    return {k: sel.finish_level2() for k, sel in selects.items()}
+
+
+def _refine_float64(
+    inp: MergeInputs,
+    method: MethodSpec,
+    orders: Sequence[OrderStat],
+    ranks: Mapping[str, torch.Tensor],
+    stats: dict[str, torch.Tensor],
+) -> None:
+    """Make the order statistics whose ``fn`` yields float64 exact in float64 (4 more sweeps).
+
+    The radix select ranks float32 values; rounding to float32 is monotone, so the exact float64
+    value x* of the rank lies among the values v whose float32 rounding equals the float32 result
+    v32. Their residuals v - v32 are exact in float64 (Sterbenz) and carry at most ~30 significant
+    bits, so two more selections recover them: the float32 rounding r1 of x* - v32, then the
+    (exactly representable) rest r2 = x* - v32 - r1, each time mapping values below the candidate
+    set to -inf and above it to +inf so the rank is unchanged. x* = v32 + (r1 + r2), exactly, for
+    |values| between ~1e-29 and the float32 range (beyond it: within float32 rounding).
+    """
+    f32, f64, inf = torch.float32, torch.float64, float("inf")
+    coarse = {o.key: stats[o.key].to(f32)[:, None] for o in orders}
+
+    def residual(o: OrderStat, ctx: TensorCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values = o.fn(ctx).to(f64)
+        v32 = coarse[o.key]
+        res = values - v32.to(f64)
+        return values.to(f32), v32, torch.where(torch.isnan(res), 0.0, res)
+
+    def round1(o: OrderStat) -> Callable[[TensorCtx], torch.Tensor]:
+        def fn(ctx: TensorCtx) -> torch.Tensor:
+            rounded, v32, res = residual(o, ctx)
+            return torch.where(rounded < v32, -inf, torch.where(rounded > v32, inf, res.to(f32)))
+
+        return fn
+
+    r1 = _select_sweeps(inp, method, {o.key: round1(o) for o in orders}, ranks, stats)
+
+    def round2(o: OrderStat) -> Callable[[TensorCtx], torch.Tensor]:
+        def fn(ctx: TensorCtx) -> torch.Tensor:
+            rounded, v32, res = residual(o, ctx)
+            first = r1[o.key][:, None]
+            r = res.to(f32)
+            below = (rounded < v32) | ((rounded == v32) & (r < first))
+            above = (rounded > v32) | ((rounded == v32) & (r > first))
+            return torch.where(below, -inf, torch.where(above, inf, (res - first.to(f64)).to(f32)))
+
+        return fn
+
+    r2 = _select_sweeps(inp, method, {o.key: round2(o) for o in orders}, ranks, stats)
+    for o in orders:
+        stats[o.key] = coarse[o.key][:, 0].to(f64) + (r1[o.key].to(f64) + r2[o.key].to(f64))
 
 
 def run_merge(

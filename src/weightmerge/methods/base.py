@@ -17,7 +17,9 @@ Statistics are declared, never computed ad hoc:
 * :class:`OrderStat` -- an exact order statistic per model row over the whole model: the value of
   rank ``rank(D)`` (0-based, ascending) of the float32 values ``fn`` yields, where ``D`` is the
   total number of values per row. Found by an exact two-level radix select (two passes over the
-  data, 2 x 65536 counters per row), never by materialising the model.
+  data, 2 x 65536 counters per row), never by materialising the model. When ``fn`` yields float64
+  values (float64 compute), the statistic is made exact in float64 by two more selections on the
+  residuals (4 more sweeps; see ``engine.driver._refine_float64``).
 
 Stats produced by pass *k* are visible (``ctx.stats``) to the functions of later passes and to
 ``apply``.
@@ -98,7 +100,7 @@ class Reduce:
 @dataclass(frozen=True)
 class OrderStat:
     key: str
-    fn: Callable[[TensorCtx], Tensor]  # -> float32 (n_models, numel_in_chunk), no NaN
+    fn: Callable[[TensorCtx], Tensor]  # -> float32|float64 (n_models, numel_in_chunk), no NaN
     rank: Callable[[int], int]  # total count per row D -> 0-based ascending rank
 
 

@@ -1,4 +1,146 @@
-from weightmerge.methods._stub import stub
+"""dare_linear / dare_ties -- DARE: randomly Drop task-vector entries And REscale the rest.
 
-LINEAR_SPEC = stub("dare_linear")
-TIES_SPEC = stub("dare_ties")
+    keep_i    = [u_i < density_i],  u_i ~ U[0,1) seeded by (seed, tensor name, model i, element)
+    tau_hat_i = r_i * keep_i * tau_i     r_i = |tau_i|_1 / |keep_i tau_i|_1   (rescale: l1, default;
+                                                 1 when either norm < 1e-7 -- mergekit)
+                                         r_i = 1 / density_i                  (rescale: inverse_keep, paper)
+                                         r_i = 1                              (rescale: none)
+    dare_linear: tau_m = sum_i w_i tau_hat_i            [/ sum_i w_i if normalize; |sum| < 1e-8 -> 1]
+    dare_ties:   tau_m = sum_i w_i m_i tau_hat_i        [/ sum_i w_i m_i if normalize; 0 -> 1]
+                 m_i = sign consensus of w_i tau_hat_i (elected sign of the sum, zero -> +1; no trim)
+    theta_m = theta_0 + lambda * tau_m
+
+Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
+Free Lunch" (ICML 2024), arXiv:2311.03099. mergekit 0.1.5 semantics, names and defaults
+(``normalize`` false for both); the DARE paper's 1/(1-p) rescale is ``rescale: inverse_keep``.
+Per tensor. The drop is element-wise and its draws depend only on (seed, tensor, model, element),
+so results do not depend on tensor order or row-chunking; ``l1`` rescale needs whole-tensor norms
+(not row-chunked), ``inverse_keep`` and ``none`` are element-wise. density 1 keeps everything
+(no draws, no rescale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from weightmerge.methods._random import uniform
+from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
+from weightmerge.methods.base import MethodSpec, Param, TensorCtx
+
+Tensor = torch.Tensor
+RESCALE_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
+NORMALIZE_EPS = 1e-8  # mergekit: a weight sum below this (in magnitude) divides by 1
+
+
+def keep_mask(ctx: TensorCtx, model: int, density: float) -> Tensor:
+    """Bool keep mask of model ``model``'s chunk: its slice of the tensor's seeded uniform draws."""
+    row = ctx.x[model]
+    u = uniform(ctx.seed, ctx.name, model, ctx.element_offset, row.numel(), math.prod(ctx.full_shape))
+    return (u < density).reshape(row.shape)
+
+
+def drop_and_rescale(delta: Tensor, keep: Tensor, *, density: float, rescale: str) -> None:
+    """In place on one model's delta: zero the dropped entries, then rescale the kept ones."""
+    before = delta.abs().sum() if rescale == "l1" else None
+    delta.masked_fill_(~keep, 0.0)
+    if rescale == "inverse_keep":
+        delta.div_(density)
+    elif before is not None:
+        after = delta.abs().sum()
+        if not (bool(before < RESCALE_EPS) or bool(after < RESCALE_EPS)):
+            delta.mul_(before / after)
+
+
+def dare_deltas(ctx: TensorCtx, densities: Sequence[float], *, rescale: str) -> Tensor:
+    """DARE-process every model row of ``ctx.x`` in place and return it."""
+    for i, d in enumerate(densities):
+        if d < 1:
+            drop_and_rescale(ctx.x[i], keep_mask(ctx, i, d), density=d, rescale=rescale)
+    return ctx.x
+
+
+def linear_sum(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+    """sum_i w_i delta_i, divided by sum_i w_i when ``normalize`` (|sum| < 1e-8 -> 1). Overwrites deltas."""
+    mixed = deltas.mul_(model_view(weights, deltas)).sum(dim=0)
+    if normalize:
+        total = weights.to(deltas.dtype).sum()
+        if bool(total.abs() >= NORMALIZE_EPS):
+            mixed = mixed / total
+    return mixed
+
+
+def consensus_sum(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+    """mergekit sign consensus of the weighted deltas (zero sign -> +1). Overwrites deltas."""
+    deltas.mul_(model_view(weights, deltas))
+    agree = agreement(deltas, elect_sign(deltas, zero=1.0))
+    return merge_agreeing(deltas, weights, agree, normalize=normalize)
+
+
+def _finish(ctx: TensorCtx, mixed: Tensor) -> Tensor:
+    assert ctx.base is not None
+    lam = float(ctx.params["lambda"])
+    if lam != 1:
+        mixed = mixed * lam
+    return ctx.base + mixed
+
+
+def _apply_linear(ctx: TensorCtx) -> Tensor:
+    p = ctx.params
+    x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
+    w = torch.tensor(p["weight"], dtype=x.dtype)
+    return _finish(ctx, linear_sum(x, w, normalize=bool(p["normalize"])))
+
+
+def _apply_ties(ctx: TensorCtx) -> Tensor:
+    p = ctx.params
+    x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
+    w = torch.tensor(p["weight"], dtype=x.dtype)
+    return _finish(ctx, consensus_sum(x, w, normalize=bool(p["normalize"])))
+
+
+def _params(normalize_help: str) -> tuple[Param, ...]:
+    return (
+        Param("weight", "float", 1.0, "weight of each model's task vector", per_model=True),
+        Param(
+            "density",
+            "float",
+            1.0,
+            "probability of keeping each task-vector entry (1 - drop rate); 1 = no drop",
+            per_model=True,
+            low=0.0,
+            low_open=True,
+            high=1.0,
+        ),
+        Param("lambda", "float", 1.0, "scale of the merged task vector"),
+        Param("normalize", "bool", False, normalize_help),
+        Param(
+            "rescale",
+            "str",
+            "l1",
+            "l1: match each task vector's L1 norm (mergekit); inverse_keep: 1/density (DARE paper); none",
+            choices=("l1", "inverse_keep", "none"),
+            tensor_scoped=False,
+        ),
+    )
+
+
+LINEAR_SPEC = MethodSpec(
+    name="dare_linear",
+    summary="DARE: drop task-vector entries at random, rescale, add the weighted sum to the base.",
+    paper="https://arxiv.org/abs/2311.03099",
+    params=_params("divide by the sum of weights"),
+    apply=_apply_linear,
+    elementwise=lambda p: p["rescale"] != "l1",
+)
+
+TIES_SPEC = MethodSpec(
+    name="dare_ties",
+    summary="DARE drop/rescale, then TIES sign consensus (no magnitude trim).",
+    paper="https://arxiv.org/abs/2311.03099",
+    params=_params("divide by the sum of agreeing weights"),
+    apply=_apply_ties,
+    elementwise=lambda p: p["rescale"] != "l1",
+)

@@ -1,3 +1,108 @@
-from weightmerge.methods._stub import stub
+"""emr -- EMR-Merging: Elect, Mask & Rescale (tuning-free; the output is an artifact, not a model).
 
-SPEC = stub("emr")
+Per tensor, element-wise, over the task vectors tau_1..tau_n:
+
+    gamma    = +1 where sum_t tau_t > 0 else -1        (= sign of the mean; a zero mean -> -1)
+    agree_t  = tau_t * gamma > 0                        (strict: zeros never agree)
+    epsilon  = max_{t: agree_t} |tau_t|                 (0 where no task agrees)
+    unified  = gamma * epsilon;   M_t = agree_t         (one bool mask per task)
+
+Per task, over all merged tensors (``rescale``):
+
+    per_tensor_mean (default, the published code):  lambda_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * unified|
+    global (the paper's formula):                   lambda_t = sum |tau_t| / sum |M_t * unified|
+
+Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.api.EMRResult``).
+
+Paper: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024),
+arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (methods spec §9). The paper elects
+with the mean, we test the sum (same sign, no underflow of sum/n). No hyper-parameters.
+
+Scope: election and masks are per element (chunkable); the rescalers are two associative sums per
+task (one statistics pass). Degenerate case: a task that agrees nowhere (denominator 0; its
+M_t * unified is all zero, so its reconstruction is the base whatever lambda_t) gets lambda_t = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weightmerge.methods.base import EMRTensor, MethodSpec, Param, Reduce, StatRequest, TensorCtx, row_partials
+
+Tensor = torch.Tensor
+NUM, DEN = "emr.num", "emr.den"
+RESCALES = ("per_tensor_mean", "global")
+DEGENERATE_RESCALER = 1.0  # denominator 0: the reconstruction is the base anyway
+
+
+def elect(tau: Tensor, *, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(gamma, epsilon, masks) of task vectors ``tau`` (n, *shape): gamma and epsilon (*shape),
+    masks (n, *shape) bool. ``inplace`` lets it overwrite ``tau``."""
+    gamma = torch.where(tau.sum(dim=0) > 0, 1.0, -1.0).to(tau.dtype)
+    signed = tau.mul_(gamma) if inplace else tau * gamma  # exact: a sign flip
+    masks = signed > 0
+    epsilon = signed.clamp_(min=0).amax(dim=0)  # |tau_t| of the agreeing tasks, 0 for the others
+    return gamma, epsilon, masks
+
+
+def _deltas(ctx: TensorCtx) -> Tensor:
+    if not bool(torch.isfinite(ctx.x).all()):
+        raise ValueError(f"emr: NaN or infinite task-vector entries in tensor {ctx.name!r}")
+    return ctx.x
+
+
+def _apply(ctx: TensorCtx) -> EMRTensor:
+    gamma, epsilon, masks = elect(_deltas(ctx), inplace=True)
+    return EMRTensor(unified=gamma.mul_(epsilon), masks=masks)
+
+
+def _num_partials(ctx: TensorCtx) -> Tensor:
+    return row_partials(_deltas(ctx).abs(), len(ctx.full_shape))
+
+
+def _den_partials(ctx: TensorCtx) -> Tensor:
+    _, epsilon, masks = elect(_deltas(ctx))
+    kept = torch.where(masks, epsilon, torch.zeros((), dtype=epsilon.dtype))  # |M_t * unified|
+    return row_partials(kept, len(ctx.full_shape))
+
+
+def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
+    mean = p["rescale"] == "per_tensor_mean"
+    return (
+        (
+            Reduce(NUM, _num_partials, per_tensor_mean=mean),
+            Reduce(DEN, _den_partials, per_tensor_mean=mean),
+        ),
+    )
+
+
+def rescalers(num: Tensor, den: Tensor) -> list[float]:
+    """lambda_t = num_t / den_t; a zero denominator gives 1.0 (see the module docstring)."""
+    return [float(a / b) if b > 0 else DEGENERATE_RESCALER for a, b in zip(num.tolist(), den.tolist())]
+
+
+def _finalize(stats: Mapping[str, Tensor], _p: Mapping[str, Any]) -> dict[str, Any]:
+    return {"rescalers": rescalers(stats[NUM], stats[DEN])}
+
+
+SPEC = MethodSpec(
+    name="emr",
+    summary="EMR-Merging: one unified task vector, a 1-bit mask and a rescaler per task (tuning-free).",
+    paper="https://arxiv.org/abs/2405.17461",
+    params=(
+        Param(
+            "rescale",
+            "str",
+            "per_tensor_mean",
+            "rescaler: sum of per-tensor means (published code) or global sums (the paper's formula)",
+            choices=RESCALES,
+            tensor_scoped=False,
+        ),
+    ),
+    apply=_apply,
+    passes=_passes,
+    finalize=_finalize,
+)

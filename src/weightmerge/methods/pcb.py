@@ -1,3 +1,318 @@
-from weightmerge.methods._stub import stub
+"""pcb -- PCB-Merging (Parameter Competition Balancing), the authors' code (variant A by default).
 
-SPEC = stub("pcb")
+Per model row i of the task vectors T (n x D), with c = ``clamp_ratio``, r = ``keep_ratio``:
+
+    A      = |T|;  lo_i = sort(A_i)[floor(D*c)],  hi_i = sort(A_i)[floor(D*(1-c)) - 1]   (0-based)
+    A^     = min(max(A, lo_i), hi_i);  Tc = sign(T) * A^          (outliers clipped; Tc is merged)
+    U      = (A^ - min A^_i) / (max A^_i - min A^_i)               (= (A^ - lo_i)/(hi_i - lo_i))
+    intra  = exp(n * U^2 - n)                                      (authors: exp(n U^2); same W)
+    inter  = A: tanh(T * S), S = sum_j T_j                         (raw, unclamped T)
+             B: tanh(T * sum_j V_j),  V_j = sign(T_j) * U_j
+             C: sum_j tanh(V_i * V_j)
+    beta   = intra * inter
+    thr_i  = sort(beta_i)[floor(D*(1-r))];  W = (max(beta, thr_i) - thr_i) / (max beta_i - thr_i)
+    tau    = sum_i W_i * (lambda_i * Tc_i) / max(sum_i W_i, 1e-12);   theta = theta_0 + tau
+
+Paper: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024),
+arXiv:2410.02396; semantics of duguodong7/pcb-merging (methods spec §8.2). The code differs from
+the paper (exp/tanh instead of softmax, outlier clamping, "beta - threshold" weights; spec §8.3);
+we follow the code. Variant A is ``pcb-merging.py``/NLP ``task_para_att_merge``; B and C are the
+vision scripts. ``lambda`` (scalar or one per model) is applied inside the weighted mean as in the
+vision/ES scripts; a scalar lambda equals the NLP scripts' theta_0 + lambda * tau.
+
+Scope: ``global`` (default, as the authors ran it) takes every statistic per model over all merged
+tensors concatenated in sorted name order: pass 1 finds lo_i, hi_i (exact order statistics of
+|T|), pass 2 thr_i (order statistic of beta) and max beta_i; the apply pass is then element-wise
+(chunkable). ``per_tensor`` takes the same statistics inside each tensor (small tensors then clip
+their largest entry: floor(D*(1-c)) - 1 < D - 1 as soon as D*c > 0).
+
+Optional ``dare_drop_rate`` p ("PCB after DARE"): every task-vector entry is first dropped where
+its seeded uniform draw u < p and the rest is scaled by 1/(1-p); the draws depend only on (seed,
+tensor, model, element), so every pass and every chunking sees the same T.
+
+Degenerate inputs (documented, always finite): a row whose clamped magnitudes are constant
+(max A^ = min A^, e.g. an all-zero task vector) gets U = 0; when lo_i > hi_i (only for tiny D with
+c near 0.5) A^ = hi_i everywhere (torch.clamp's rule); a row with max beta = thr gets W = 0; a
+column whose weights are all 0 keeps the base value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weightmerge.methods._random import uniform
+from weightmerge.methods.base import MethodSpec, OrderStat, Param, Reduce, StatRequest, TensorCtx
+
+Tensor = torch.Tensor
+LO, HI, THR, BETA_MAX = "pcb.lo", "pcb.hi", "pcb.thr", "pcb.beta_max"
+INTERS = ("A", "B", "C")
+SCOPES = ("global", "per_tensor")
+WEIGHT_SUM_FLOOR = 1e-12  # the authors' guard on sum_i W_i
+
+# ---------------------------------------------------------------------------------------------
+# Ranks (0-based, ascending) of the order statistics, for a row of D values
+
+
+def clamp_ranks(*, numel: int, clamp_ratio: float) -> tuple[int, int]:
+    """(rank of lo, rank of hi): floor(D*c) and floor(D*(1-c)) - 1 (the latter 0 when D = 1, where
+    the authors' index -1 also names the only element)."""
+    return math.floor(numel * clamp_ratio), max(math.floor(numel * (1 - clamp_ratio)) - 1, 0)
+
+
+def drop_rank(*, numel: int, keep_ratio: float) -> int:
+    """Rank of the drop threshold: floor(D*(1-r)) (only entries strictly above it are kept)."""
+    return math.floor(numel * (1 - keep_ratio))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure element-wise pieces on flat rows: t (n, m) task vectors, stats (n, 1)
+
+
+def _f32_at_least(p: float) -> float:
+    """The smallest float32 >= p, so ``u < p`` can be tested exactly on float32 draws u."""
+    q = torch.tensor(p, dtype=torch.float32)
+    if float(q) < p:
+        q = torch.nextafter(q, torch.tensor(math.inf, dtype=torch.float32))
+    return float(q)
+
+
+def dare_drop(
+    t: Tensor, *, rates: Sequence[float], seed: int, name: str, offset: int, full_numel: int, inplace: bool
+) -> Tensor:
+    """Drop entry e of model i where uniform(seed, name, i, e) < p_i, scale the rest by 1/(1-p_i).
+
+    ``t``: (n, m), the chunk's flat elements ``[offset, offset + m)`` of tensor ``name``.
+    """
+    out = t if inplace else t.clone()
+    for i, p in enumerate(rates):
+        if not p:
+            continue
+        u = uniform(seed, name, i, offset, t.shape[1], full_numel)
+        out[i].masked_fill_(u < _f32_at_least(p), 0.0).mul_(1.0 / (1.0 - p))
+    return out
+
+
+def clamp_magnitudes(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """A^ = min(max(|t|, lo), hi) per row (hi wins when lo > hi, like torch.clamp)."""
+    return torch.minimum(torch.maximum(t.abs(), lo), hi)
+
+
+def unit_magnitudes(a_hat: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Row-wise min-max of A^ given its bounds: min A^ = min(lo, hi), max A^ = hi; a constant row -> 0."""
+    low = torch.minimum(lo, hi)
+    span = hi - low
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (a_hat - low) / safe, torch.zeros_like(a_hat))
+
+
+def competition_scores(t: Tensor, u: Tensor, *, inter: str) -> Tensor:
+    """beta = intra * inter, (n, m). ``t`` raw task vectors, ``u`` their unit clamped magnitudes."""
+    n = t.shape[0]
+    intra = torch.exp(u * u * n - n)  # exp(n U^2) / e^n: a per-row constant factor, W unchanged
+    if inter == "A":
+        cross = torch.tanh(t * t.sum(dim=0))
+    else:
+        v = torch.sign(t) * u
+        if inter == "B":
+            cross = torch.tanh(t * v.sum(dim=0))
+        else:
+            cross = torch.zeros_like(v)
+            for j in range(n):
+                cross += torch.tanh(v * v[j])
+    return intra * cross
+
+
+def drop_weights(beta: Tensor, thr: Tensor, beta_max: Tensor) -> Tensor:
+    """W = (max(beta, thr) - thr) / (max beta - thr) per row; a row with max beta == thr -> 0."""
+    span = beta_max - thr
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    w = (torch.maximum(beta, thr) - thr) / safe
+    return torch.where(span > 0, w, torch.zeros_like(w))
+
+
+def weighted_mix(w: Tensor, tc: Tensor, lam: Tensor) -> Tensor:
+    """tau = sum_i W_i (lambda_i Tc_i) / max(sum_i W_i, 1e-12), (m,). ``lam``: (n, 1)."""
+    return (w * (lam * tc)).sum(dim=0) / w.sum(dim=0).clamp(min=WEIGHT_SUM_FLOOR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per chunk, given the statistics
+
+
+def _task_vectors(ctx: TensorCtx, *, inplace: bool) -> Tensor:
+    """(n, m) flat task vectors of the chunk, after the optional DARE drop."""
+    t = ctx.x.reshape(ctx.n_models, -1)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"pcb: NaN or infinite task-vector entries in tensor {ctx.name!r}")
+    rates = ctx.params["dare_drop_rate"]
+    if any(rates):
+        t = dare_drop(
+            t,
+            rates=rates,
+            seed=ctx.seed,
+            name=ctx.name,
+            offset=ctx.element_offset,
+            full_numel=math.prod(ctx.full_shape),
+            inplace=inplace,
+        )
+    return t
+
+
+def _col(stat: Tensor, like: Tensor) -> Tensor:
+    return stat.to(like.dtype).reshape(-1, 1)
+
+
+def _beta(t: Tensor, lo: Tensor, hi: Tensor, *, inter: str) -> tuple[Tensor, Tensor]:
+    """(clamped magnitudes A^, beta) of flat task vectors ``t`` given the clamp bounds (n, 1)."""
+    a_hat = clamp_magnitudes(t, lo, hi)
+    return a_hat, competition_scores(t, unit_magnitudes(a_hat, lo, hi), inter=inter)
+
+
+def _merge_rows(
+    t: Tensor, lo: Tensor, hi: Tensor, thr: Tensor, beta_max: Tensor, *, inter: str, lam: Tensor
+) -> Tensor:
+    """The merged task vector (m,) of flat task vectors ``t`` (n, m) given every statistic (n, 1)."""
+    a_hat, beta = _beta(t, lo, hi, inter=inter)
+    w = drop_weights(beta, thr, beta_max)
+    del beta
+    tc = a_hat.mul_(torch.sign(t))
+    return weighted_mix(w, tc, lam)
+
+
+def _lambdas(ctx: TensorCtx) -> Tensor:
+    return torch.tensor(ctx.params["lambda"], dtype=ctx.x.dtype).reshape(-1, 1)
+
+
+def _per_tensor_stats(t: Tensor, p: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """lo, hi, thr, max beta (each (n, 1)) of one whole tensor's rows ``t`` (n, D), by selection."""
+    d = t.shape[1]
+    lo_rank, hi_rank = clamp_ranks(numel=d, clamp_ratio=p["clamp_ratio"])
+    mag = t.abs()
+    lo = torch.kthvalue(mag, lo_rank + 1, dim=1, keepdim=True).values
+    hi = torch.kthvalue(mag, hi_rank + 1, dim=1, keepdim=True).values
+    del mag
+    _, beta = _beta(t, lo, hi, inter=p["inter"])
+    thr = torch.kthvalue(beta, drop_rank(numel=d, keep_ratio=p["keep_ratio"]) + 1, dim=1, keepdim=True)
+    return lo, hi, thr.values, beta.amax(dim=1, keepdim=True)
+
+
+def _apply(ctx: TensorCtx) -> Tensor:
+    assert ctx.base is not None
+    p = ctx.params
+    t = _task_vectors(ctx, inplace=True)
+    if t.shape[1] == 0:
+        return ctx.base.clone()
+    if p["scope"] == "per_tensor":
+        lo, hi, thr, beta_max = _per_tensor_stats(t, p)
+    else:
+        lo, hi, thr, beta_max = (_col(ctx.stats[k], t) for k in (LO, HI, THR, BETA_MAX))
+    tau = _merge_rows(t, lo, hi, thr, beta_max, inter=p["inter"], lam=_lambdas(ctx))
+    return ctx.base + tau.reshape(ctx.base.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global scope: statistics passes
+
+
+def _magnitudes(ctx: TensorCtx) -> Tensor:
+    return _task_vectors(ctx, inplace=False).abs()
+
+
+def _global_beta(ctx: TensorCtx) -> Tensor:
+    t = _task_vectors(ctx, inplace=False)
+    lo, hi = _col(ctx.stats[LO], t), _col(ctx.stats[HI], t)
+    return _beta(t, lo, hi, inter=ctx.params["inter"])[1]
+
+
+def _beta_row_max(ctx: TensorCtx) -> Tensor:
+    """(n, 1) float64 max of beta over the chunk (a max needs no per-row partials to be exact)."""
+    beta = _global_beta(ctx)
+    if beta.shape[1] == 0:
+        return torch.full((beta.shape[0], 1), -math.inf, dtype=torch.float64)
+    return beta.amax(dim=1, keepdim=True).to(torch.float64)
+
+
+def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
+    if p["scope"] != "global":
+        return ()
+    c, r = p["clamp_ratio"], p["keep_ratio"]
+    return (
+        (
+            OrderStat(LO, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[0]),
+            OrderStat(HI, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[1]),
+        ),
+        (
+            OrderStat(THR, _global_beta, lambda d: drop_rank(numel=d, keep_ratio=r)),
+            Reduce(BETA_MAX, _beta_row_max, op="max"),
+        ),
+    )
+
+
+SPEC = MethodSpec(
+    name="pcb",
+    summary="PCB-Merging: clip outliers, score intra/inter-task competition, keep the top ratio, weighted mean.",
+    paper="https://arxiv.org/abs/2410.02396",
+    params=(
+        Param(
+            "keep_ratio",
+            "float",
+            0.1,
+            "fraction r of each task vector's entries kept (by competition score); not a drop rate",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            tensor_scoped=False,
+        ),
+        Param(
+            "clamp_ratio",
+            "float",
+            0.01,
+            "fraction c of the smallest and largest magnitudes clipped to the order statistics",
+            low=0.0,
+            high=0.5,
+            high_open=True,
+            tensor_scoped=False,
+        ),
+        Param(
+            "lambda",
+            "float",
+            1.0,
+            "scale of each task vector inside the weighted mean (a scalar = theta_0 + lambda tau)",
+            per_model=True,
+        ),
+        Param(
+            "inter",
+            "str",
+            "A",
+            "inter-task score: A tanh(T*sum T) (authors' main code), B tanh(T*sum V), C sum tanh(V_i V_j)",
+            choices=INTERS,
+            tensor_scoped=False,
+        ),
+        Param(
+            "scope",
+            "str",
+            "global",
+            "statistics over the whole model (global, as the authors) or inside each tensor",
+            choices=SCOPES,
+            tensor_scoped=False,
+        ),
+        Param(
+            "dare_drop_rate",
+            "float",
+            0.0,
+            "DARE pre-processing: drop each task-vector entry with this probability, rescale 1/(1-p)",
+            per_model=True,
+            low=0.0,
+            high=1.0,
+            high_open=True,
+            tensor_scoped=False,
+        ),
+    ),
+    apply=_apply,
+    passes=_passes,
+    elementwise=lambda p: p["scope"] == "global",
+)

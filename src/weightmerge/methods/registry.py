@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from weightmerge.methods import dare, emr, fisher, linear, pcb, regmean, task_arithmetic, ties
+from weightmerge.methods import (
+    breadcrumbs,
+    dare,
+    della,
+    emr,
+    fisher,
+    linear,
+    model_stock,
+    nearswap,
+    passthrough,
+    pcb,
+    regmean,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from weightmerge.methods._params import did_you_mean
 from weightmerge.methods.base import MethodSpec
 
@@ -18,6 +33,14 @@ METHODS: dict[str, MethodSpec] = {
         emr.SPEC,
         fisher.SPEC,
         regmean.SPEC,
+        breadcrumbs.SPEC,
+        breadcrumbs.TIES_SPEC,
+        della.SPEC,
+        della.LINEAR_SPEC,
+        model_stock.SPEC,
+        slerp.SPEC,
+        nearswap.SPEC,
+        passthrough.SPEC,
     )
 }
 

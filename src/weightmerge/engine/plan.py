@@ -1,0 +1,250 @@
+"""Plan a merge from checkpoint headers only: which tensors merge, which are copied, output
+layout, memory estimate and row-chunking. Every inconsistency a user can cause is reported here,
+with the file and tensor named, before any tensor data is read (non-floating buffers excepted:
+they are tiny and compared here so a mismatch never surfaces mid-run).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightmerge.io.base import TensorSource
+from weightmerge.methods.base import MethodSpec
+
+# Fixed overhead of the process (interpreter, torch, libraries), for the memory estimate.
+FIXED_OVERHEAD_BYTES = 600 * 2**20
+# Working buffers besides the n stacked inputs: base, result, and ~2 temporaries of one tensor.
+EXTRA_BUFFERS = 4
+
+TIED_PAIRS = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),
+    ("lm_head.weight", "embed_tokens.weight"),
+)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: str  # "merge" | "copy"
+    reason: str = ""  # why copied
+    chunk_rows: int | None = None  # apply-pass rows per chunk (None: whole tensor)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    method: MethodSpec
+    n_models: int
+    tensors: list[TensorPlan]
+    compute_dtype: torch.dtype
+    est_peak_bytes: int
+    stat_passes: int = 0
+    aliases: list[dict[str, str]] = field(default_factory=list)  # per model: output name -> name read
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == "merge"]
+
+    @property
+    def largest(self) -> TensorPlan | None:
+        return max(self.merged, key=lambda t: t.numel, default=None)
+
+    def output_bytes(self) -> int:
+        return sum(t.numel * _itemsize(t.out_dtype) for t in self.tensors)
+
+    def describe(self, *, show_tensors: int = 12) -> str:
+        merged = self.merged
+        largest = self.largest
+        lines = [
+            f"method: {self.method.name} ({self.method.summary})",
+            f"models: {self.n_models}",
+            f"tensors: {len(self.tensors)} ({len(merged)} merged, {len(self.tensors) - len(merged)} copied)",
+            f"parameters merged: {sum(t.numel for t in merged):,}",
+            f"output size: {_fmt_bytes(self.output_bytes())}",
+            f"compute dtype: {str(self.compute_dtype).replace('torch.', '')}",
+        ]
+        if largest is not None:
+            lines.append(f"largest tensor: {largest.name} {list(largest.shape)} ({largest.numel:,} elements)")
+        if self.stat_passes:
+            lines.append(
+                f"statistics passes over the whole model: {self.stat_passes} (then one apply pass)"
+            )
+        chunked = [t for t in merged if t.chunk_rows is not None]
+        if chunked:
+            lines.append(f"row-chunked tensors (to honour --max-memory): {len(chunked)}")
+        lines.append(f"estimated peak memory: {_fmt_bytes(self.est_peak_bytes)}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        copied = [t for t in self.tensors if t.action == "copy"]
+        if copied:
+            lines.append("copied from the base:")
+            for t in copied[:show_tensors]:
+                lines.append(f"  {t.name}: {t.reason}")
+            if len(copied) > show_tensors:
+                lines.append(f"  ... and {len(copied) - show_tensors} more")
+        return "\n".join(lines)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'4GB', '500M', '2GiB', 1234 -> bytes (decimal for GB/MB, binary for GiB/MiB)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {text!r} (examples: 500M, 4GB, 2GiB, 1000000)")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    return int(value * base ** " KMGT".index(unit or " "))
+
+
+def _tied_alias(src: TensorSource, name: str) -> str | None:
+    keys = set(src.keys())
+    for tied, emb in TIED_PAIRS:
+        if name == tied and emb in keys:
+            return emb
+    return None
+
+
+def build_plan(
+    method: MethodSpec,
+    base: TensorSource | None,
+    models: Sequence[TensorSource],
+    *,
+    model_params: Mapping[str, Any],
+    exclude: Sequence[str] = (),
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    check_buffers: bool = True,
+) -> MergePlan:
+    if not models:
+        raise ValueError("no models to merge")
+    if method.needs_base and base is None:
+        raise ValueError(f"method {method.name!r} needs a base model (base_model)")
+    n = len(models)
+    if n < method.min_models:
+        raise ValueError(f"method {method.name!r} needs at least {method.min_models} models, got {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise ValueError(f"method {method.name!r} takes at most {method.max_models} models, got {n}")
+    ref = base if base is not None else models[0]
+    ref_label = f"base model {ref.path}" if base is not None else f"model {ref.path}"
+    ref_keys = ref.keys()
+    ref_set = set(ref_keys)
+    patterns = [re.compile(p) for p in exclude]
+    aliases: list[dict[str, str]] = [{} for _ in models]
+    notes: list[str] = []
+
+    for i, m in enumerate(models):
+        mkeys = set(m.keys())
+        extra = sorted(mkeys - ref_set)
+        # A model that stores an untied lm_head while the reference ties it: not mergeable silently.
+        if extra:
+            raise ValueError(
+                f"model {m.path} has tensor {extra[0]!r} ({m.info(extra[0]).file}) that the {ref_label} lacks"
+                f" ({len(extra)} such tensors); architectures differ"
+            )
+        for name in sorted(ref_set - mkeys):
+            alias = _tied_alias(m, name)
+            if alias is None:
+                raise ValueError(
+                    f"model {m.path} lacks tensor {name!r} that the {ref_label} has ({ref.info(name).file})"
+                )
+            aliases[i][name] = alias
+            notes.append(f"model {m.path}: {name} read from tied {alias}")
+
+    tensors: list[TensorPlan] = []
+    for name in sorted(ref_keys):
+        rinfo = ref.info(name)
+        infos = [m.info(aliases[i].get(name, name)) for i, m in enumerate(models)]
+        for m, info in zip(models, infos, strict=True):
+            if tuple(info.shape) != tuple(rinfo.shape):
+                raise ValueError(
+                    f"tensor {name!r}: shape {list(info.shape)} in {info.file} (model {m.path}) differs from "
+                    f"{list(rinfo.shape)} in {rinfo.file}"
+                )
+        is_float = rinfo.dtype.is_floating_point and all(i.dtype.is_floating_point for i in infos)
+        if not is_float:
+            if check_buffers:
+                r = ref.read(name)
+                for m, info in zip(models, infos, strict=True):
+                    if not torch.equal(m.read(info.name).to(r.dtype), r):
+                        raise ValueError(
+                            f"non-floating tensor {name!r} differs between {rinfo.file} and {info.file}"
+                        )
+            tensors.append(TensorPlan(name, tuple(rinfo.shape), rinfo.dtype, "copy", "not floating point"))
+            continue
+        odt = out_dtype or rinfo.dtype
+        if any(p.search(name) for p in patterns):
+            tensors.append(TensorPlan(name, tuple(rinfo.shape), odt, "copy", "excluded"))
+            continue
+        tensors.append(TensorPlan(name, tuple(rinfo.shape), odt, "merge"))
+
+    csize = _itemsize(compute_dtype)
+    elementwise = method.is_elementwise(model_params)
+    buffers = n + EXTRA_BUFFERS
+    largest = max((t.numel for t in tensors if t.action == "merge"), default=0)
+    planned: list[TensorPlan] = []
+    peak_tensor = largest * buffers * csize
+    if max_memory is not None:
+        budget = max_memory - FIXED_OVERHEAD_BYTES
+        if budget <= 0:
+            raise ValueError(
+                f"--max-memory {_fmt_bytes(max_memory)} is below the fixed overhead of "
+                f"{_fmt_bytes(FIXED_OVERHEAD_BYTES)}"
+            )
+        peak_tensor = 0
+        for t in tensors:
+            rows = None
+            need = t.numel * buffers * csize
+            if t.action == "merge" and need > budget:
+                if not elementwise or len(t.shape) < 2:
+                    raise ValueError(
+                        f"tensor {t.name!r} ({t.numel:,} elements) needs about {_fmt_bytes(need)} with "
+                        f"{n} models, over --max-memory; method {method.name!r} with these options cannot "
+                        "split a tensor into row chunks"
+                    )
+                row_bytes = (t.numel // t.shape[0]) * buffers * csize
+                rows = max(1, budget // row_bytes)
+                need = rows * row_bytes
+            if t.action == "merge":
+                peak_tensor = max(peak_tensor, need)
+            planned.append(TensorPlan(t.name, t.shape, t.out_dtype, t.action, t.reason, rows))
+        tensors = planned
+    return MergePlan(
+        method=method,
+        n_models=n,
+        tensors=tensors,
+        compute_dtype=compute_dtype,
+        est_peak_bytes=FIXED_OVERHEAD_BYTES + peak_tensor,
+        stat_passes=len(method.passes(model_params)),
+        aliases=aliases,
+        notes=notes,
+    )

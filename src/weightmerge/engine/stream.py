@@ -1,0 +1,161 @@
+"""Streaming execution of a planned merge: readers over checkpoint sources, the shared driver,
+positioned writes of each merged tensor (or row chunk) into a sink, with a progress bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from weightmerge.engine.driver import MergeInputs, MergeOutcome, Rows, run_merge
+from weightmerge.engine.plan import MergePlan
+from weightmerge.io.base import TensorSource
+from weightmerge.methods.aux import gather_aux
+from weightmerge.methods.base import EMRTensor
+
+
+class Sink(Protocol):
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None: ...
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-on-access mapping over a TensorSource (for per-tensor statistics such as Fisher)."""
+
+    def __init__(self, src: TensorSource) -> None:
+        self.src = src
+        self._keys = set(src.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self.src.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, quiet: bool) -> None:
+        self.bar: Any = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                dynamic_ncols=True, desc="merge",
+            )
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(name)
+
+    def add(self, nbytes: int, tensor: str) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(tensor[-40:], refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _reader(src: TensorSource, alias: Mapping[str, str]) -> Callable[[str, Rows], torch.Tensor]:
+    def read(name: str, rows: Rows) -> torch.Tensor:
+        return src.read(alias.get(name, name), rows)
+
+    return read
+
+
+def stream_merge(
+    plan: MergePlan,
+    base: TensorSource | None,
+    models: Sequence[TensorSource],
+    *,
+    params_for: Callable[[str], Mapping[str, Any]],
+    model_params: Mapping[str, Any],
+    sink: Sink,
+    emr_sink: Callable[[str, Rows, EMRTensor], None] | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    prefetch: bool = True,
+) -> tuple[MergeOutcome, dict[str, float]]:
+    """Run ``plan``: copy the non-merged tensors, then merge the rest into ``sink``.
+
+    Returns the driver outcome and timings. Output dtypes are the plan's; casting happens here.
+    """
+    method = plan.method
+    ref = base if base is not None else models[0]
+    merged = plan.merged
+    out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
+    chunk = {t.name: t.chunk_rows for t in merged}
+    shapes = {t.name: t.shape for t in merged}
+    sizes = {t.name: t.numel * len(models) * torch.empty((), dtype=ref.info(t.name).dtype).element_size()
+             for t in merged}
+    sweeps = 0
+    for requests in method.passes(model_params):
+        sweeps += 2 if any(type(r).__name__ == "OrderStat" for r in requests) else 1
+    progress = _Progress(sum(sizes.values()) * (sweeps + 1), quiet)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    for t in plan.tensors:
+        if t.action == "copy":
+            sink.write(t.name, ref.read(t.name).to(t.out_dtype))
+    timings["copy_s"] = time.perf_counter() - t0
+
+    aux_maps: dict[str, list[Mapping[str, torch.Tensor]]] = {}
+    for key in method.aux_inputs:
+        value = model_params.get(key)
+        if value is not None:
+            aux_maps[key] = [LazyTensors(v) if isinstance(v, TensorSource) else v for v in value]
+    aux_params = {**model_params, **aux_maps}
+
+    def aux(name: str, rows: Rows) -> Mapping[str, torch.Tensor]:
+        return gather_aux(method, aux_params, name, rows, shapes[name], plan.compute_dtype)
+
+    last: dict[str, str] = {"phase": ""}
+
+    def on_progress(phase: str, name: str) -> None:
+        if phase != last["phase"]:
+            progress.phase(phase)
+            last["phase"] = phase
+        rows = chunk.get(name)
+        share = sizes[name] if rows is None else sizes[name] * min(rows, shapes[name][0]) // shapes[name][0]
+        progress.add(share, name)
+
+    inp = MergeInputs(
+        names=[t.name for t in merged],
+        shapes=shapes,
+        base=_reader(base, {}) if base is not None else None,
+        models=[_reader(m, plan.aliases[i] if plan.aliases else {}) for i, m in enumerate(models)],
+        params_for=params_for,
+        model_params=model_params,
+        seed=seed,
+        compute_dtype=plan.compute_dtype,
+        chunk_rows=lambda name: chunk.get(name),
+        aux=aux if method.aux_inputs else (lambda _n, _r: {}),
+        progress=on_progress,
+        prefetch=prefetch,
+    )
+
+    def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:
+        if isinstance(out, EMRTensor):
+            if emr_sink is None:
+                raise ValueError("method 'emr' produces an artifact; use the EMR output path")
+            emr_sink(name, rows, out)
+            return
+        sink.write(name, out.to(out_dtypes[name]), rows)
+
+    t1 = time.perf_counter()
+    try:
+        outcome = run_merge(inp, method, emit)
+    finally:
+        progress.close()
+    timings["merge_s"] = time.perf_counter() - t1
+    return outcome, timings
