@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from ref_pcb import pcb_state_dicts, pcb_vector
 
+from ref_pcb import pcb_state_dicts, pcb_vector
 from weightmerge.api import merge_state_dicts
 from weightmerge.engine.driver import MergeInputs, run_merge
 from weightmerge.methods import pcb
@@ -229,7 +229,9 @@ def test_per_tensor_scope_is_global_scope_on_each_tensor_alone(inter: str, dtype
     params = {"keep_ratio": 0.25, "clamp_ratio": 0.05, "inter": inter}
     per = merge_state_dicts(base, models, "pcb", {**params, "scope": "per_tensor"}, compute_dtype=dtype)
     for k in base:
-        alone = merge_state_dicts({k: base[k]}, [{k: m[k]} for m in models], "pcb", params, compute_dtype=dtype)
+        alone = merge_state_dicts(
+            {k: base[k]}, [{k: m[k]} for m in models], "pcb", params, compute_dtype=dtype
+        )
         assert torch.equal(per[k], alone[k]), k
     glob = merge_state_dicts(base, models, "pcb", params, compute_dtype=dtype)
     assert not torch.equal(glob["attn.w"], per["attn.w"])  # the scopes do differ
@@ -271,7 +273,10 @@ def test_identical_experts_give_the_expert_on_the_kept_entries_and_the_base_else
     base = {"w": torch.randn(4, 6, generator=g, dtype=F64)}
     expert = {"w": base["w"] + t.reshape(4, 6)}
     out = merge_state_dicts(
-        base, [expert] * 3, "pcb", {"keep_ratio": keep_ratio, "clamp_ratio": 0.0, "inter": inter},
+        base,
+        [expert] * 3,
+        "pcb",
+        {"keep_ratio": keep_ratio, "clamp_ratio": 0.0, "inter": inter},
         compute_dtype=F64,
     )
     cut = mags.sort().values[math.floor(d * (1 - keep_ratio))]
@@ -289,7 +294,11 @@ def test_order_of_models_does_not_matter(scope: str) -> None:
     ref = merge_state_dicts(base, models, "pcb", {**params, "lambda": lam}, compute_dtype=F64)
     perm = [2, 0, 3, 1]
     got = merge_state_dicts(
-        base, [models[i] for i in perm], "pcb", {**params, "lambda": [lam[i] for i in perm]}, compute_dtype=F64
+        base,
+        [models[i] for i in perm],
+        "pcb",
+        {**params, "lambda": [lam[i] for i in perm]},
+        compute_dtype=F64,
     )
     assert_dicts_close(got, ref, atol=1e-14, rtol=1e-13)
 

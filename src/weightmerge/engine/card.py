@@ -12,7 +12,11 @@ from weightmerge.methods.base import MethodSpec
 
 
 def model_card(
-    *, method: MethodSpec, base_model: str | None, models: Sequence[str], resolved_config: Mapping[str, Any],
+    *,
+    method: MethodSpec,
+    base_model: str | None,
+    models: Sequence[str],
+    resolved_config: Mapping[str, Any],
     extra: Sequence[str] = (),
 ) -> str:
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "weightmerge", method.name]}

@@ -82,9 +82,7 @@ class MergePlan:
         if largest is not None:
             lines.append(f"largest tensor: {largest.name} {list(largest.shape)} ({largest.numel:,} elements)")
         if self.stat_passes:
-            lines.append(
-                f"statistics passes over the whole model: {self.stat_passes} (then one apply pass)"
-            )
+            lines.append(f"statistics passes over the whole model: {self.stat_passes} (then one apply pass)")
         chunked = [t for t in merged if t.chunk_rows is not None]
         if chunked:
             lines.append(f"row-chunked tensors (to honour --max-memory): {len(chunked)}")

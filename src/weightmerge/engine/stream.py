@@ -47,8 +47,13 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                dynamic_ncols=True, desc="merge",
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                desc="merge",
             )
 
     def phase(self, name: str) -> None:
@@ -95,8 +100,10 @@ def stream_merge(
     out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
     chunk = {t.name: t.chunk_rows for t in merged}
     shapes = {t.name: t.shape for t in merged}
-    sizes = {t.name: t.numel * len(models) * torch.empty((), dtype=ref.info(t.name).dtype).element_size()
-             for t in merged}
+    sizes = {
+        t.name: t.numel * len(models) * torch.empty((), dtype=ref.info(t.name).dtype).element_size()
+        for t in merged
+    }
     sweeps = 0
     for requests in method.passes(model_params):
         sweeps += 2 if any(type(r).__name__ == "OrderStat" for r in requests) else 1

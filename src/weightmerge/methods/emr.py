@@ -9,8 +9,10 @@ Per tensor, element-wise, over the task vectors tau_1..tau_n:
 
 Per task, over all merged tensors (``rescale``):
 
-    per_tensor_mean (default, the published code):  lambda_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * unified|
-    global (the paper's formula):                   lambda_t = sum |tau_t| / sum |M_t * unified|
+    per_tensor_mean (default, the published code):
+        lambda_t = sum_tensors mean|tau_t| / sum_tensors mean|M_t * unified|
+    global (the paper's formula):
+        lambda_t = sum |tau_t| / sum |M_t * unified|             (sums over every merged entry)
 
 Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.api.EMRResult``).
 
@@ -30,7 +32,15 @@ from typing import Any
 
 import torch
 
-from weightmerge.methods.base import EMRTensor, MethodSpec, Param, Reduce, StatRequest, TensorCtx, row_partials
+from weightmerge.methods.base import (
+    EMRTensor,
+    MethodSpec,
+    Param,
+    Reduce,
+    StatRequest,
+    TensorCtx,
+    row_partials,
+)
 
 Tensor = torch.Tensor
 NUM, DEN = "emr.num", "emr.den"
@@ -81,7 +91,10 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
 
 def rescalers(num: Tensor, den: Tensor) -> list[float]:
     """lambda_t = num_t / den_t; a zero denominator gives 1.0 (see the module docstring)."""
-    return [float(a / b) if b > 0 else DEGENERATE_RESCALER for a, b in zip(num.tolist(), den.tolist())]
+    return [
+        float(a / b) if b > 0 else DEGENERATE_RESCALER
+        for a, b in zip(num.tolist(), den.tolist(), strict=True)
+    ]
 
 
 def _finalize(stats: Mapping[str, Tensor], _p: Mapping[str, Any]) -> dict[str, Any]:

@@ -254,7 +254,7 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
 
 SPEC = MethodSpec(
     name="pcb",
-    summary="PCB-Merging: clip outliers, score intra/inter-task competition, keep the top ratio, weighted mean.",
+    summary="PCB-Merging: clip outliers, score intra/inter-task competition, weighted mean of the top ratio.",
     paper="https://arxiv.org/abs/2410.02396",
     params=(
         Param(

@@ -8,12 +8,16 @@ from weightmerge.methods import (
     della,
     emr,
     fisher,
+    karcher,
     linear,
     model_stock,
+    multislerp,
     nearswap,
+    nuslerp,
     passthrough,
     pcb,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -41,6 +45,10 @@ METHODS: dict[str, MethodSpec] = {
         slerp.SPEC,
         nearswap.SPEC,
         passthrough.SPEC,
+        sce.SPEC,
+        nuslerp.SPEC,
+        multislerp.SPEC,
+        karcher.SPEC,
     )
 }
 

@@ -1,0 +1,76 @@
+"""Small helpers shared by the checkpoint readers and the writer: dtype names, row ranges, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+# safetensors dtype names <-> torch dtypes (little-endian, as the format prescribes). Formats torch
+# cannot hold element-wise (F4/F6 packed, complex) are not listed: they are refused by name.
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_rows(*, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int]:
+    """Validate a row range ``[start, stop)`` along dim 0 of a tensor; ``None`` means all rows."""
+    if rows is None:
+        return (0, shape[0] if shape else 1)
+    if not shape:
+        raise ValueError(f"tensor {name!r} is 0-d: it has no rows to slice (asked rows={rows})")
+    try:
+        start, stop = (int(rows[0]), int(rows[1]))
+    except (TypeError, ValueError, IndexError):
+        raise TypeError(f"rows for tensor {name!r} must be (start, stop), got {rows!r}") from None
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"rows {rows} out of range for tensor {name!r} with {shape[0]} rows (shape {shape})")
+    return start, stop
+
+
+def load_json(path: str, *, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def read_config(directory: str) -> dict[str, Any] | None:
+    """``config.json`` in ``directory`` parsed, or None when there is none."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    cfg = load_json(path, what="config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
