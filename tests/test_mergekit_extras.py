@@ -527,3 +527,112 @@ def test_parity_passthrough():
         params = {} if scale is None else {"scale": scale}
         want = merge_tensors([x], "passthrough", parameters=params)
         assert torch.equal(merge_state_dicts(None, [{"t": x}], "passthrough", params)["t"], want)
+
+
+# ================================================================ sce, nuslerp, multislerp, karcher
+
+
+def test_sce_hand_computed():
+    base = torch.zeros(4, dtype=F64)
+    t1 = T([1.0, -2.0, 0.5, 0.0], dtype=F64)
+    t2 = T([3.0, 1.0, -0.5, 0.0], dtype=F64)
+    # elected [+, -, + (zero sum), +]; agreeing: t1 at 0, 1, 2; t2 at 0.
+    # mean squares 1.3125 and 2.5625 -> c = [21/62, 41/62]; entry 0 = (21*1 + 41*3)/62 = 72/31
+    out = ours(base, [t1, t2], "sce", {})
+    torch.testing.assert_close(out, T([72 / 31, -2.0, 0.5, 0.0], dtype=F64), rtol=1e-14, atol=1e-15)
+    # select_topk .5: variances [1, 2.25, .25, 0] -> k = floor(3 * .5) = 1 -> entry 1 only
+    out = ours(base, [t1, t2], "sce", {"select_topk": 0.5})
+    torch.testing.assert_close(out, T([0.0, -2.0, 0.0, 0.0], dtype=F64), rtol=0, atol=1e-15)
+    # tiny task vectors (mean squares summing below 1e-6): equal weights, entry 0 = (1 + 3)/2 * 1e-4
+    out = ours(base, [t1 * 1e-4, t2 * 1e-4], "sce", {})
+    torch.testing.assert_close(out, T([2e-4, -2e-4, 0.5e-4, 0.0], dtype=F64), rtol=1e-12, atol=1e-18)
+
+
+def test_nuslerp_hand_computed():
+    v0, v1 = T([1.0, 0.0], dtype=F64), T([0.0, 1.0], dtype=F64)
+    h = math.sqrt(0.5)
+    torch.testing.assert_close(ours(None, [v0, v1], "nuslerp", {}), T([h, h], dtype=F64))
+    # weights [2, 1] -> t = 1/3 -> [cos 30deg, sin 30deg]; weights summing to 0 -> t = 1/2
+    out = ours(None, [v0, v1], "nuslerp", {"weight": [2.0, 1.0]})
+    torch.testing.assert_close(out, T([math.cos(math.pi / 6), 0.5], dtype=F64), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(ours(None, [v0, v1], "nuslerp", {"weight": [1.0, -1.0]}), T([h, h], dtype=F64))
+    # with a base: slerp of the task vectors
+    b = T([5.0, -5.0], dtype=F64)
+    torch.testing.assert_close(ours(b, [b + v0, b + v1], "nuslerp", {}), b + T([h, h], dtype=F64))
+    # per row: row 0 orthogonal, row 1 collinear (lerp)
+    m0 = T([[1.0, 0.0], [1.0, 1.0]], dtype=F64)
+    m1 = T([[0.0, 1.0], [2.0, 2.0]], dtype=F64)
+    out = ours(None, [m0, m1], "nuslerp", {"nuslerp_flatten": False})
+    torch.testing.assert_close(out, T([[h, h], [1.5, 1.5]], dtype=F64), rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="at most 2 models"):
+        ours(None, [v0, v1, v0], "nuslerp", {})
+
+
+def test_multislerp_hand_computed():
+    h = math.sqrt(0.5)
+    v0, v1 = T([2.0, 0.0], dtype=F64), T([0.0, 4.0], dtype=F64)
+    # orthogonal, equal weights: the tangent vectors cancel, direction [h, h], mean norm 3
+    out = ours(None, [v0, v1], "multislerp", {})
+    torch.testing.assert_close(out, T([3 * h, 3 * h], dtype=F64), rtol=1e-7, atol=0)
+    b = T([1.0, 1.0], dtype=F64)
+    out = ours(b, [b + v0, b + v1], "multislerp", {})
+    torch.testing.assert_close(out, b + T([3 * h, 3 * h], dtype=F64), rtol=1e-7, atol=0)
+    assert torch.equal(ours(b, [v0], "multislerp", {}), v0)  # one model: unchanged
+    with pytest.raises(ValueError, match="sum to 0"):
+        ours(None, [v0, v1], "multislerp", {"weight": [1.0, -1.0]})
+    with pytest.raises(ValueError, match=r"direction of tensor 't' is zero"):
+        ours(None, [v0, -v0, v0], "multislerp", {"weight": [1.0, 2.0, 1.0]})
+
+
+def test_karcher_hand_computed():
+    e0, e1 = T([1.0, 0.0], dtype=F64), T([0.0, 1.0], dtype=F64)
+    # on a circle the Karcher mean of angles {0, 0, 90deg} is their arithmetic mean, 30deg
+    out = ours(None, [e0, e0, e1], "karcher", {})
+    torch.testing.assert_close(out, T([math.cos(math.pi / 6), 0.5], dtype=F64), rtol=0, atol=1e-6)
+    # a zero tensor leaves the direction alone but counts in the mean norm (2/3)
+    h = math.sqrt(0.5)
+    out = ours(None, [e0, e1, torch.zeros(2, dtype=F64)], "karcher", {})
+    torch.testing.assert_close(out, T([h, h], dtype=F64) * 2 / 3, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ours(None, [torch.zeros(2), torch.zeros(2)], "karcher", {}), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"'tol'.*must be in"):
+        ours(None, [e0, e1], "karcher", {"tol": 0.0})
+
+
+def test_nuslerp_rows_chunked_equals_whole():
+    base, models = random_case((9, 5), 2, seed=30)
+    base, models = {"w": base}, [{"w": m} for m in models]
+    p = {"weight": [0.3, 0.8], "nuslerp_flatten": False}
+    whole = merge_state_dicts(base, models, "nuslerp", p)
+    chunked, pieces = run_chunked(base, models, "nuslerp", p, rows=4)
+    assert pieces == 3
+    assert torch.equal(whole["w"], chunked["w"])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parity_sce_nuslerp_multislerp_karcher(shape):
+    merge_tensors = mergekit_tensors()
+    for scale in (0.1, 3e-4):  # 3e-4: sce's equal-weight fallback
+        base, models = random_case(shape, 3, seed=31, scale=scale)
+        for p in ({}, {"select_topk": 0.3}, {"select_topk": 0.0}):
+            want = merge_tensors([base, *models], "sce", parameters=p, base_index=0)
+            assert torch.equal(ours(base, models, "sce", p), want), p
+    base, models = random_case(shape, 2, seed=32)
+    for p in (
+        {"weight": [0.3, 0.9]},
+        {"weight": [1.0, 1.0], "nuslerp_flatten": False},
+        {"weight": [0.2, 0.5], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+    ):
+        want = merge_tensors([base, *models], "nuslerp", parameters=p, base_index=0)
+        assert torch.equal(ours(base, models, "nuslerp", p), want), p
+        assert torch.equal(ours(None, models, "nuslerp", p), merge_tensors(models, "nuslerp", parameters=p))
+    base, models = random_case(shape, 3, seed=33)
+    for p in ({"weight": [0.3, 0.9, 0.5]}, {"weight": [1.0, 2.5, 1.0], "normalize_weights": False}):
+        want = merge_tensors([base, *models], "multislerp", parameters=p, base_index=0)
+        assert torch.equal(ours(base, models, "multislerp", p), want), p
+        assert torch.equal(
+            ours(None, models, "multislerp", p), merge_tensors(models, "multislerp", parameters=p)
+        )
+    for p in ({}, {"max_iter": 3}):
+        assert torch.equal(
+            ours(None, models, "karcher", p), merge_tensors(models, "karcher", parameters=p)
+        ), p

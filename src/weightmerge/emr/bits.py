@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
-BIT_ORDER = "little"
+BIT_ORDER: Literal["little"] = "little"
 
 
 def packed_size(numel: int) -> int:
@@ -44,8 +45,14 @@ def pack_at(bits: torch.Tensor, start: int) -> np.ndarray:
     return np.packbits(flat, bitorder=BIT_ORDER)
 
 
-def unpack(data: np.ndarray | torch.Tensor, *, numel: int, first_byte: int = 0, start: int | None = None,
-           stop: int | None = None) -> torch.Tensor:
+def unpack(
+    data: np.ndarray | torch.Tensor,
+    *,
+    numel: int,
+    first_byte: int = 0,
+    start: int | None = None,
+    stop: int | None = None,
+) -> torch.Tensor:
     """Elements ``[start, stop)`` (default: all ``numel``) as a flat bool tensor, from packed bytes
     ``data`` that begin at byte ``first_byte`` of the tensor's packed mask."""
     start = 8 * first_byte if start is None else start
@@ -85,7 +92,9 @@ class SharedBytes:
             raise ValueError(f"{key}: bits of byte {byte} written twice (overlapping chunks)")
         value, nbits = old_value | value, old_bits + nbits
         if nbits > need:
-            raise ValueError(f"{key}: byte {byte} received {nbits} bits, it holds {need} (overlapping chunks)")
+            raise ValueError(
+                f"{key}: byte {byte} received {nbits} bits, it holds {need} (overlapping chunks)"
+            )
         if nbits == need:
             return value
         self.pending[(key, byte)] = (value, nbits)

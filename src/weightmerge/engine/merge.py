@@ -132,7 +132,7 @@ def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
     from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
-    from weightmerge.io.writer import ShardedWriter
+    from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
     if opts.threads:
@@ -154,7 +154,7 @@ def merge_config(
                 extras = dict(outcome.extras)
             else:
                 layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
-                writer = ShardedWriter(tmp, layout, shard_size=opts.shard_size)
+                writer = ShardedSafetensorsWriter(tmp, layout, shard_size=opts.shard_size)
                 try:
                     outcome, t = stream_merge(
                         plan,

@@ -163,8 +163,9 @@ def _load_body(path: Path) -> nn.Module:
     quiet_transformers()
     from transformers import AutoModel
 
-    torch.manual_seed(0)  # weights absent from the checkpoint (e.g. an unused pooler) are seeded
-    return AutoModel.from_pretrained(str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # weights absent from the checkpoint (e.g. an unused pooler) are seeded
+        return AutoModel.from_pretrained(str(path))
 
 
 def load_encoder(model: str, *, cache_dir: str | os.PathLike[str]) -> Encoder:
@@ -292,7 +293,8 @@ def collate(enc: Encoded, index: Sequence[int]) -> tuple[torch.Tensor, torch.Ten
 
 
 def length_sorted_batches(enc: Encoded, *, batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of similar length (for inference; the order does not change results)."""
+    """Indices in batches of similar length, for inference (less padding; predictions do not depend
+    on the batching beyond float rounding)."""
     order = sorted(range(len(enc)), key=lambda i: (len(enc.ids[i]), i))
     for s in range(0, len(order), batch_size):
         yield order[s : s + batch_size]

@@ -13,6 +13,8 @@ the file; callers still must not do it (later reads of the same source would see
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import mmap
 import os
@@ -105,7 +107,7 @@ def read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
     data_start = 8 + n
     entries = {name: _parse_entry(path, name, raw, data_start, file_size) for name, raw in header.items()}
     spans = sorted((e.begin, e.end, e.info.name) for e in entries.values() if e.end > e.begin)
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise _fail(path, f"tensors {n0!r} and {n1!r} overlap in the data buffer")
     return entries, {str(k): str(v) for k, v in metadata.items()}
@@ -164,10 +166,9 @@ class SafetensorsFile:
         with self._lock:
             mm, self._mm = self._mm, None
         if mm is not None:
-            try:
+            # tensors returned by read() may still use it: then it closes when they are freed
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                pass  # tensors returned by read() still use it; it closes when they are freed
 
     def __enter__(self) -> SafetensorsFile:
         return self

@@ -27,7 +27,9 @@ def read_index(index_path: str) -> dict[str, str]:
         if not isinstance(file, str) or not file:
             raise ValueError(f"index {index_path}: tensor {name!r} maps to {file!r}, not a file name")
         if os.path.isabs(file) or ".." in file.replace("\\", "/").split("/"):
-            raise ValueError(f"index {index_path}: tensor {name!r} names shard {file!r} outside the directory")
+            raise ValueError(
+                f"index {index_path}: tensor {name!r} names shard {file!r} outside the directory"
+            )
     return {str(k): v for k, v in wmap.items()}
 
 
@@ -58,9 +60,11 @@ class ShardedSource:
     def _check(self, index_path: str, wmap: dict[str, str]) -> dict[str, TensorSource]:
         seen: dict[str, str] = {}
         for file, shard in self._shards.items():
-            for name in shard.keys():
+            for name in shard.keys():  # noqa: SIM118  (a TensorSource is not iterable)
                 if name in seen:
-                    raise ValueError(f"tensor {name!r} is stored twice: in shard {seen[name]!r} and in {file!r}")
+                    raise ValueError(
+                        f"tensor {name!r} is stored twice: in shard {seen[name]!r} and in {file!r}"
+                    )
                 seen[name] = file
                 if name not in wmap:
                     raise ValueError(f"tensor {name!r} in shard {file!r} is not listed in index {index_path}")
@@ -68,7 +72,8 @@ class ShardedSource:
             if seen.get(name) != file:
                 where = f" (it is in {seen[name]!r})" if name in seen else ""
                 raise ValueError(
-                    f"index {index_path} lists tensor {name!r} in shard {file!r}, but that shard lacks it{where}"
+                    f"index {index_path} lists tensor {name!r} in shard {file!r}, "
+                    f"but that shard lacks it{where}"
                 )
         return {name: self._shards[file] for name, file in wmap.items()}
 

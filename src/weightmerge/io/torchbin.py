@@ -42,7 +42,7 @@ def _unsafe(path: str, err: Exception) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"refusing to load {path}: it is not a plain tensor state dict ({_reason(err)}). Loading it "
         "would need arbitrary unpickling, which can run code from the file. If you trust the file, "
-        "convert it once to safetensors, e.g. python -c \"import torch; from safetensors.torch import "
+        'convert it once to safetensors, e.g. python -c "import torch; from safetensors.torch import '
         f"save_file; sd = torch.load('{path}', weights_only=False); save_file({{k: v.contiguous() for "
         "k, v in sd.items()}, 'model.safetensors')\" (clone tensors that share memory), then use that."
     )
@@ -55,13 +55,17 @@ def _load(path: str) -> Any:
         raise _unsafe(path, err) from None
     except RuntimeError as err:
         if "mmap can only be used" not in str(err):
-            raise ValueError(f"cannot read torch checkpoint {path}: {_reason(err)} (corrupted or truncated?)") from None
+            raise ValueError(
+                f"cannot read torch checkpoint {path}: {_reason(err)} (corrupted or truncated?)"
+            ) from None
     try:  # legacy (pre-zip) serialization: cannot be mapped, load it whole
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _unsafe(path, err) from None
     except (RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read torch checkpoint {path}: {_reason(err)} (corrupted or truncated?)") from None
+        raise ValueError(
+            f"cannot read torch checkpoint {path}: {_reason(err)} (corrupted or truncated?)"
+        ) from None
 
 
 def _state_dict(path: str, obj: Any) -> dict[str, torch.Tensor]:

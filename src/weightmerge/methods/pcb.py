@@ -172,11 +172,9 @@ def _beta(t: Tensor, lo: Tensor, hi: Tensor, *, inter: str) -> tuple[Tensor, Ten
     return a_hat, competition_scores(t, unit_magnitudes(a_hat, lo, hi), inter=inter)
 
 
-def _merge_rows(
-    t: Tensor, lo: Tensor, hi: Tensor, thr: Tensor, beta_max: Tensor, *, inter: str, lam: Tensor
-) -> Tensor:
-    """The merged task vector (m,) of flat task vectors ``t`` (n, m) given every statistic (n, 1)."""
-    a_hat, beta = _beta(t, lo, hi, inter=inter)
+def _mix(t: Tensor, a_hat: Tensor, beta: Tensor, thr: Tensor, beta_max: Tensor, lam: Tensor) -> Tensor:
+    """The merged task vector (m,) from the flat task vectors ``t`` (n, m), their clamped
+    magnitudes and scores (overwritten) and the row statistics (n, 1)."""
     w = drop_weights(beta, thr, beta_max)
     del beta
     tc = a_hat.mul_(torch.sign(t))
@@ -187,17 +185,13 @@ def _lambdas(ctx: TensorCtx) -> Tensor:
     return torch.tensor(ctx.params["lambda"], dtype=ctx.x.dtype).reshape(-1, 1)
 
 
-def _per_tensor_stats(t: Tensor, p: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """lo, hi, thr, max beta (each (n, 1)) of one whole tensor's rows ``t`` (n, D), by selection."""
-    d = t.shape[1]
-    lo_rank, hi_rank = clamp_ranks(numel=d, clamp_ratio=p["clamp_ratio"])
+def _clamp_bounds(t: Tensor, clamp_ratio: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi), each (n, 1), of one whole tensor's rows ``t`` (n, D), by selection."""
+    lo_rank, hi_rank = clamp_ranks(numel=t.shape[1], clamp_ratio=clamp_ratio)
     mag = t.abs()
     lo = torch.kthvalue(mag, lo_rank + 1, dim=1, keepdim=True).values
     hi = torch.kthvalue(mag, hi_rank + 1, dim=1, keepdim=True).values
-    del mag
-    _, beta = _beta(t, lo, hi, inter=p["inter"])
-    thr = torch.kthvalue(beta, drop_rank(numel=d, keep_ratio=p["keep_ratio"]) + 1, dim=1, keepdim=True)
-    return lo, hi, thr.values, beta.amax(dim=1, keepdim=True)
+    return lo, hi
 
 
 def _apply(ctx: TensorCtx) -> Tensor:
@@ -207,10 +201,15 @@ def _apply(ctx: TensorCtx) -> Tensor:
     if t.shape[1] == 0:
         return ctx.base.clone()
     if p["scope"] == "per_tensor":
-        lo, hi, thr, beta_max = _per_tensor_stats(t, p)
+        lo, hi = _clamp_bounds(t, p["clamp_ratio"])
+        a_hat, beta = _beta(t, lo, hi, inter=p["inter"])
+        rank = drop_rank(numel=t.shape[1], keep_ratio=p["keep_ratio"])
+        thr = torch.kthvalue(beta, rank + 1, dim=1, keepdim=True).values
+        beta_max = beta.amax(dim=1, keepdim=True)
     else:
         lo, hi, thr, beta_max = (_col(ctx.stats[k], t) for k in (LO, HI, THR, BETA_MAX))
-    tau = _merge_rows(t, lo, hi, thr, beta_max, inter=p["inter"], lam=_lambdas(ctx))
+        a_hat, beta = _beta(t, lo, hi, inter=p["inter"])
+    tau = _mix(t, a_hat, beta, thr, beta_max, _lambdas(ctx))
     return ctx.base + tau.reshape(ctx.base.shape)
 
 

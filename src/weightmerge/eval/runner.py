@@ -1,0 +1,564 @@
+"""The benchmark runner: experts -> merges -> scores, for every seed; then the report.
+
+For each seed: build the tasks (seeded splits), fine-tune or load one expert per held-in task,
+then for every method entry and every point of its grid merge the experts' bodies in memory
+(``weightmerge.merge_state_dicts``) and score the merged body with each task's own head.
+
+Scores (all accuracies on the test split unless said otherwise):
+
+* held-in: accuracy of (merged body, head of task t) on task t; normalised = that / the expert's
+  own test accuracy; averaged over the tasks. The reference rows are ``individual`` (each expert
+  on its own task: normalised 1 by definition) and ``base`` (the base body with each expert's
+  head: what any merge tends to as its scale goes to 0).
+* held-out task with ``head = t`` (it reuses task t's label space): accuracy of (merged body,
+  head of t). Its base reference is the base body with a head *fitted on frozen base features* on
+  task t's training split (logistic regression): the base model's best head for that label space
+  without fine-tuning; the base body with the expert's own head is reported too.
+* held-out task without a head: a few-shot linear probe (``few_shot`` examples per class of its
+  training split, seeded) on frozen mean-pooled features of the body; base reference = the same
+  probe on the base body.
+* held-out normalised = accuracy / base reference, averaged over held-out tasks.
+* EMR is scored per task with its reconstruction ``task_state_dict(i)``: held-in task t and a
+  held-out task reusing t's head use task t's model; few-shot held-out tasks have no task model
+  and are not scored for EMR (nor for ``individual``).
+
+Grids: every point is scored on validation and test; the ``<label> (tuned)`` row is the point
+with the best mean normalised *validation* held-in score (first in grid order on ties), reported
+on test. Number of experts: for each size k in ``n_experts`` below the number of tasks,
+``subsets_per_size`` seeded random subsets of k experts are merged with each entry's default
+point and scored on their own tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from weightmerge import __version__
+from weightmerge.api import EMRResult, merge_state_dicts
+from weightmerge.eval import stats as stats_lib
+from weightmerge.eval.cache import default_cache_dir
+from weightmerge.eval.config import EvalConfig, config_hash, grid_points, params_key
+from weightmerge.eval.evaluate import few_shot_index, fit_probe, head_accuracy, labels_of, pooled_features
+from weightmerge.eval.model import Encoded, Encoder, encode, load_body_state, load_encoder
+from weightmerge.eval.train import Expert, TrainSettings, derive_seed, load_or_train
+from weightmerge.methods.registry import get_method
+
+StateDict = Mapping[str, torch.Tensor]
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-seed context
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Encoded
+    validation: Encoded
+    test: Encoded
+    n_classes: int
+    head: str | None  # held-out: the held-in task whose head it reuses
+
+
+@dataclass
+class SeedContext:
+    seed: int
+    config: EvalConfig
+    encoder: Encoder
+    cache_dir: Path
+    held_in: list[str]
+    held_out: list[str]
+    data: dict[str, Splits]
+    fingerprints: dict[str, str]
+    experts: dict[str, Expert] = field(default_factory=dict)
+    body: Any = None  # one reusable body module
+    loaded: Any = None  # identity of the state dict currently in ``body``
+    stats: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    stats_cached: dict[str, bool] = field(default_factory=dict)
+    base_refs: dict[str, float] = field(default_factory=dict)
+    expert_test: dict[str, float] = field(default_factory=dict)  # each expert on its own test split
+    probe_index: dict[str, list[int]] = field(default_factory=dict)
+    progress: bool = True
+
+    def load(self, state: StateDict) -> None:
+        if self.loaded is not state:
+            load_body_state(self.body, state)
+            self.loaded = state
+
+    def features(self, state: StateDict, task: str, split: str) -> torch.Tensor:
+        self.load(state)
+        return pooled_features(self.body, getattr(self.data[task], split))
+
+
+def _build_tasks(cfg: EvalConfig, seed: int) -> dict[str, Any]:
+    from weightmerge.eval import tasks as task_lib
+
+    known = task_lib.available_tasks()
+    out: dict[str, Any] = {}
+    for name in [*cfg.tasks, *cfg.held_out]:
+        if name not in known:
+            from weightmerge.methods._params import did_you_mean
+
+            raise ValueError(f"unknown task {name!r}{did_you_mean(name, known)}; available: {sorted(known)}")
+        out[name] = task_lib.build_task(
+            name, seed=seed, n_train=cfg.sizes.train, n_val=cfg.sizes.validation, n_test=cfg.sizes.test
+        )
+    for name in cfg.held_out:
+        head = out[name].head
+        if head is None:
+            continue
+        if head not in cfg.tasks:
+            raise ValueError(
+                f"held-out task {name!r} reuses the head of task {head!r}, which is not a held-in task; "
+                f"add {head!r} to tasks"
+            )
+        if len(out[name].label_names) != len(out[head].label_names):
+            raise ValueError(
+                f"held-out task {name!r} has {len(out[name].label_names)} labels but the head of "
+                f"{head!r} has {len(out[head].label_names)}"
+            )
+    return out
+
+
+def _train_settings(cfg: EvalConfig) -> TrainSettings:
+    return TrainSettings(**cfg.training.model_dump())
+
+
+def prepare_seed(
+    cfg: EvalConfig, encoder: Encoder, seed: int, *, cache_dir: Path, progress: bool, log: Log
+) -> SeedContext:
+    """Build tasks, tokenise them, fine-tune or load the experts."""
+    tasks = _build_tasks(cfg, seed)
+    max_len = cfg.training.max_length
+    data = {
+        name: Splits(
+            train=encode(encoder.tokenizer, t.train, max_length=max_len),
+            validation=encode(encoder.tokenizer, t.validation, max_length=max_len),
+            test=encode(encoder.tokenizer, t.test, max_length=max_len),
+            n_classes=len(t.label_names),
+            head=t.head,
+        )
+        for name, t in tasks.items()
+    }
+    ctx = SeedContext(
+        seed=seed,
+        config=cfg,
+        encoder=encoder,
+        cache_dir=cache_dir,
+        held_in=list(cfg.tasks),
+        held_out=list(cfg.held_out),
+        data=data,
+        fingerprints={name: t.fingerprint() for name, t in tasks.items()},
+        progress=progress,
+    )
+    settings = _train_settings(cfg)
+    bar = tqdm(ctx.held_in, desc=f"seed {seed}: experts", disable=not progress, unit="expert")
+    for name in bar:
+        d = data[name]
+        expert = load_or_train(
+            encoder,
+            task=name,
+            task_fingerprint=ctx.fingerprints[name],
+            n_classes=d.n_classes,
+            train=d.train,
+            validation=d.validation,
+            settings=settings,
+            seed=derive_seed(seed, name),
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        ctx.experts[name] = expert
+        how = "cached" if expert.cached else f"trained in {expert.seconds:.1f} s"
+        log(f"seed {seed}: expert {name}: validation accuracy {expert.val_accuracy:.3f} ({how})")
+    ctx.body = encoder.new_body()
+    for name in ctx.held_out:
+        if data[name].head is None:
+            ctx.probe_index[name] = few_shot_index(
+                data[name].train.labels, shots=cfg.few_shot, seed=derive_seed(seed, name, "few-shot")
+            )
+    return ctx
+
+
+def statistics(ctx: SeedContext, kind: str, task: str) -> dict[str, torch.Tensor]:
+    """Fisher (``kind="fisher"``) or Gram matrices (``"gram"``) of one expert, cached."""
+    key = (kind, task)
+    if key not in ctx.stats:
+        e = ctx.experts[task]
+        cfg = ctx.config.stats
+        ctx.stats[key], cached = stats_lib.load_or_compute(
+            kind,
+            encoder=ctx.encoder,
+            body=e.body,
+            head=e.head,
+            data=ctx.data[task].train,
+            settings=stats_lib.StatsSettings(**cfg.model_dump()),
+            expert_key=e.key,
+            directory=e.directory,
+            progress=ctx.progress,
+        )
+        ctx.stats_cached[f"{kind}:{task}"] = cached
+    return ctx.stats[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Accuracies of one model (or family of per-task models) on the seed's tasks."""
+
+    test: dict[str, float]
+    validation: dict[str, float] = field(default_factory=dict)
+    held_out: dict[str, float | None] = field(default_factory=dict)
+
+
+def _probe_accuracy(ctx: SeedContext, state: StateDict, task: str) -> float:
+    d = ctx.data[task]
+    index = ctx.probe_index[task]
+    feats = ctx.features(state, task, "train")[torch.tensor(index)]
+    labels = labels_of(d.train)[torch.tensor(index)]
+    head = fit_probe(feats, labels, n_classes=d.n_classes)
+    return head_accuracy(head, ctx.features(state, task, "test"), labels_of(d.test))
+
+
+def score(
+    ctx: SeedContext,
+    state_for: Callable[[str | None], StateDict | None],
+    *,
+    tasks: Sequence[str],
+    held_out: Sequence[str],
+    validation: bool,
+) -> Scores:
+    """Score the body ``state_for(t)`` on held-in tasks ``tasks`` with each task's own head;
+    held-out tasks reusing head t use ``state_for(t)``; few-shot ones ``state_for(None)`` (None =
+    not applicable)."""
+    out = Scores(test={})
+    for t in tasks:
+        state = state_for(t)
+        assert state is not None
+        head = ctx.experts[t].head
+        out.test[t] = head_accuracy(head, ctx.features(state, t, "test"), labels_of(ctx.data[t].test))
+        if validation:
+            out.validation[t] = head_accuracy(
+                head, ctx.features(state, t, "validation"), labels_of(ctx.data[t].validation)
+            )
+    for h in held_out:
+        owner = ctx.data[h].head
+        state = state_for(owner)
+        if state is None:
+            out.held_out[h] = None
+        elif owner is not None:
+            head = ctx.experts[owner].head
+            out.held_out[h] = head_accuracy(head, ctx.features(state, h, "test"), labels_of(ctx.data[h].test))
+        else:
+            out.held_out[h] = _probe_accuracy(ctx, state, h)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarise(ctx: SeedContext, scores: Scores, reference: Mapping[str, Scores]) -> dict[str, Any]:
+    """Per-task and averaged raw and normalised numbers of one scored model."""
+    experts = reference["individual"]
+    norm = {t: _ratio(a, experts.test[t]) for t, a in scores.test.items()}
+    row: dict[str, Any] = {
+        "held_in": dict(scores.test),
+        "avg": _mean(list(scores.test.values())),
+        "normalized": norm,
+        "normalized_avg": _mean(list(norm.values())),
+    }
+    if scores.validation:
+        vnorm = {t: _ratio(a, ctx.experts[t].val_accuracy) for t, a in scores.validation.items()}
+        row["validation"] = dict(scores.validation)
+        row["validation_normalized_avg"] = _mean(list(vnorm.values()))
+    if scores.held_out:
+        ho_norm = {h: _ratio(a, ctx.base_refs.get(h)) for h, a in scores.held_out.items()}
+        row["held_out"] = dict(scores.held_out)
+        row["held_out_normalized"] = ho_norm
+        row["held_out_normalized_avg"] = _mean(list(ho_norm.values()))
+    return row
+
+
+def reference_rows(ctx: SeedContext) -> tuple[dict[str, Scores], dict[str, Any]]:
+    """Scores of the individual experts and of the base body (+ held-out base references)."""
+    base = ctx.encoder.base_state
+    experts = score(
+        ctx,
+        lambda t: None if t is None else ctx.experts[t].body,
+        tasks=ctx.held_in,
+        held_out=ctx.held_out,
+        validation=False,
+    )
+    ctx.expert_test = dict(experts.test)
+    base_scores = score(ctx, lambda _t: base, tasks=ctx.held_in, held_out=ctx.held_out, validation=False)
+    details: dict[str, Any] = {}
+    for h in ctx.held_out:
+        owner = ctx.data[h].head
+        if owner is None:
+            ctx.base_refs[h] = _probe_accuracy(ctx, base, h)
+            details[h] = {"kind": "few_shot_probe", "shots": ctx.config.few_shot, "base": ctx.base_refs[h]}
+            continue
+        d = ctx.data[owner]
+        probe = fit_probe(ctx.features(base, owner, "train"), labels_of(d.train), n_classes=d.n_classes)
+        ctx.base_refs[h] = head_accuracy(probe, ctx.features(base, h, "test"), labels_of(ctx.data[h].test))
+        details[h] = {
+            "kind": "reused_head",
+            "head": owner,
+            "base": ctx.base_refs[h],
+            "base_with_expert_head": base_scores.held_out[h],
+            "expert": experts.held_out[h],
+        }
+    return {"individual": experts, "base": base_scores}, details
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_params(
+    ctx: SeedContext, method: str, params: Mapping[str, Any], tasks: Sequence[str]
+) -> dict[str, Any]:
+    """User params plus the statistics the method needs (one entry per merged expert)."""
+    spec = get_method(method)
+    full = dict(params)
+    for key in spec.aux_inputs:
+        kind = {"fisher": "fisher", "gram": "gram"}.get(key)
+        if kind is None:
+            raise ValueError(f"method {method!r} needs statistics {key!r}, which the harness cannot compute")
+        full[key] = [statistics(ctx, kind, t) for t in tasks]
+    return full
+
+
+def merge_and_score(
+    ctx: SeedContext,
+    method: str,
+    params: Mapping[str, Any],
+    *,
+    tasks: Sequence[str],
+    held_out: Sequence[str],
+    validation: bool,
+) -> tuple[Scores, float]:
+    """Merge the experts of ``tasks`` and score the result; (scores, merge seconds)."""
+    full = merge_params(ctx, method, params, tasks)
+    t0 = time.perf_counter()
+    merged = merge_state_dicts(
+        ctx.encoder.base_state, [ctx.experts[t].body for t in tasks], method, full, seed=ctx.seed
+    )
+    seconds = time.perf_counter() - t0
+    if isinstance(merged, EMRResult):
+        per_task: dict[str, StateDict] = {}
+        index = {t: i for i, t in enumerate(tasks)}
+
+        def state_for(t: str | None) -> StateDict | None:
+            if t is None or t not in index:
+                return None
+            if t not in per_task:
+                per_task.clear()  # one reconstruction alive at a time
+                per_task[t] = merged.task_state_dict(index[t])
+            return per_task[t]
+
+        return score(ctx, state_for, tasks=tasks, held_out=held_out, validation=validation), seconds
+    body = merged
+    return score(ctx, lambda _t: body, tasks=tasks, held_out=held_out, validation=validation), seconds
+
+
+def _subsets(tasks: Sequence[str], k: int, count: int, seed: int) -> list[list[str]]:
+    """``count`` distinct seeded subsets of size k (fewer when fewer exist), in task order."""
+    rng = random.Random(derive_seed(seed, "subsets", k))
+    found: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for _ in range(50 * count):
+        if len(found) == count:
+            break
+        pick = tuple(sorted(rng.sample(range(len(tasks)), k)))
+        if pick not in seen:
+            seen.add(pick)
+            found.append([tasks[i] for i in pick])
+    return found
+
+
+def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
+    """Every number for one seed."""
+    cfg = ctx.config
+    t_start = time.perf_counter()
+    reference, held_out_details = reference_rows(ctx)
+    rows: dict[str, Any] = {name: summarise(ctx, s, reference) for name, s in reference.items()}
+    grids: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    work = [(entry, p) for entry in cfg.methods for p in grid_points(entry)]
+    bar = tqdm(work, desc=f"seed {ctx.seed}: merge + evaluate", disable=not ctx.progress, unit="merge")
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry, point in bar:
+        bar.set_postfix_str(f"{entry.name} {params_key(point)}")
+        t0 = time.perf_counter()
+        scores, merge_s = merge_and_score(
+            ctx,
+            entry.method,
+            point,
+            tasks=ctx.held_in,
+            held_out=ctx.held_out,
+            validation=bool(entry.grid),
+        )
+        row = summarise(ctx, scores, reference)
+        row.update(method=entry.method, params=point, merge_seconds=merge_s)
+        row["seconds"] = time.perf_counter() - t0
+        done[(entry.name, params_key(point))] = row
+        timings[f"{entry.name} {params_key(point)}"] = row["seconds"]
+    for entry in cfg.methods:
+        points = grid_points(entry)
+        rows[entry.name] = done[(entry.name, params_key(points[0]))]
+        if entry.grid:
+            scored = [done[(entry.name, params_key(p))] for p in points]
+            best = max(range(len(scored)), key=lambda i: (scored[i]["validation_normalized_avg"] or 0.0, -i))
+            rows[f"{entry.name} (tuned)"] = {**scored[best], "selected_by": "validation normalised held-in"}
+            grids[entry.name] = scored
+        r = rows[entry.name]
+        log(
+            f"seed {ctx.seed}: {entry.name}: avg {r['avg']:.3f}, normalised held-in {r['normalized_avg']:.3f}"
+        )
+    sweep = run_sweep(ctx, rows)
+    return {
+        "seed": ctx.seed,
+        "task_fingerprints": ctx.fingerprints,
+        "experts": {
+            t: {
+                "val_accuracy": e.val_accuracy,
+                "test_accuracy": reference["individual"].test[t],
+                "history": [list(h) for h in e.history],
+                "train_seconds": e.seconds,
+                "cached": e.cached,
+                "key": e.key,
+            }
+            for t, e in ctx.experts.items()
+        },
+        "held_out_references": held_out_details,
+        "rows": rows,
+        "grids": grids,
+        "sweep": sweep,
+        "stats_cached": dict(ctx.stats_cached),
+        "seconds": {"merge_and_evaluate": time.perf_counter() - t_start, "per_point": timings},
+    }
+
+
+def run_sweep(ctx: SeedContext, rows: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalised held-in score vs number of merged experts (each entry's default point)."""
+    cfg = ctx.config
+    n = len(ctx.held_in)
+    out: dict[str, Any] = {}
+    sizes = sorted({k for k in cfg.n_experts if k < n})
+    if not sizes:
+        return out
+    work = [
+        (entry, k, subset)
+        for k in sizes
+        for subset in _subsets(ctx.held_in, k, cfg.subsets_per_size, ctx.seed)
+        for entry in cfg.methods
+    ]
+    bar = tqdm(work, desc=f"seed {ctx.seed}: experts sweep", disable=not ctx.progress, unit="merge")
+    for entry, k, subset in bar:
+        bar.set_postfix_str(f"{entry.name} k={k}")
+        scores, _ = merge_and_score(
+            ctx, entry.method, grid_points(entry)[0], tasks=subset, held_out=(), validation=False
+        )
+        norm = _mean([_ratio(scores.test[t], ctx.expert_test[t]) for t in subset])
+        out.setdefault(entry.name, {}).setdefault(str(k), []).append(
+            {"tasks": subset, "normalized_avg": norm}
+        )
+    for entry in cfg.methods:
+        out.setdefault(entry.name, {})[str(n)] = [
+            {"tasks": list(ctx.held_in), "normalized_avg": rows[entry.name]["normalized_avg"]}
+        ]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def manifest(
+    cfg: EvalConfig, encoder: Encoder, *, started: float, command: Sequence[str] | None
+) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "weightmerge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),
+        "seeds": list(cfg.seeds),
+        "model": {"name": encoder.name, "path": str(encoder.path), "fingerprint": encoder.fingerprint},
+        "command": list(command) if command is not None else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+    }
+
+
+def run_eval(
+    cfg: EvalConfig,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    log: Log = _stderr,
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run the whole benchmark and return the report dict (see ``weightmerge.eval.report``)."""
+    from weightmerge.eval.report import aggregate
+
+    started = time.time()
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    cache = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
+    encoder = load_encoder(cfg.model, cache_dir=cache)
+    per_seed = []
+    for seed in cfg.seeds:
+        ts = time.perf_counter()
+        ctx = prepare_seed(cfg, encoder, seed, cache_dir=cache, progress=progress, log=log)
+        prepared = time.perf_counter() - ts
+        result = run_seed(ctx, log=log)
+        result["seconds"]["experts"] = prepared
+        result["seconds"]["total"] = time.perf_counter() - ts
+        per_seed.append(result)
+    man = manifest(cfg, encoder, started=started, command=command)
+    man["seconds"] = time.perf_counter() - t0
+    man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    man["cache_dir"] = str(cache)
+    return {"manifest": man, "per_seed": per_seed, "summary": aggregate(cfg, per_seed)}
+
+
+def write_json(report: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
