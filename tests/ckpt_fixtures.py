@@ -17,12 +17,19 @@ def tiny_llama_config(**overrides: object):  # noqa: ANN201
     from transformers import LlamaConfig
 
     kw: dict[str, object] = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    config = LlamaConfig(**kw)
+    config.architectures = ["LlamaForCausalLM"]
+    return config
 
 
 def base_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -59,7 +66,12 @@ def expert_state_dicts(
 
 
 def save_checkpoint(
-    sd: dict[str, torch.Tensor], path: Path, layout: str, config=None, *, n_shards: int = 3  # noqa: ANN001
+    sd: dict[str, torch.Tensor],
+    path: Path,
+    layout: str,
+    config=None,
+    *,
+    n_shards: int = 3,  # noqa: ANN001
 ) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -91,8 +103,13 @@ def save_checkpoint(
 
 
 def make_family(
-    root: Path, n_models: int, *, layouts: Sequence[str] = ("single",), dtype: torch.dtype = torch.float32,
-    seed: int = 0, **config_overrides: object,
+    root: Path,
+    n_models: int,
+    *,
+    layouts: Sequence[str] = ("single",),
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **config_overrides: object,
 ) -> tuple[Path, list[Path], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Write base + n experts under root; layouts cycle over the experts (base uses layouts[0])."""
     config = tiny_llama_config(**config_overrides)
@@ -105,6 +122,54 @@ def make_family(
             e.pop("lm_head.weight", None)
     base_dir = save_checkpoint(base, root / "base", layouts[0], config)
     dirs = [
-        save_checkpoint(e, root / f"expert{i}", layouts[i % len(layouts)], config) for i, e in enumerate(experts)
+        save_checkpoint(e, root / f"expert{i}", layouts[i % len(layouts)], config)
+        for i, e in enumerate(experts)
     ]
     return base_dir, dirs, base, experts
+
+
+def llama_shapes(config) -> dict[str, tuple[int, ...]]:  # noqa: ANN001
+    """Tensor names and shapes of a LlamaForCausalLM checkpoint, from its config (no model built)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    return shapes
+
+
+def fast_family(
+    root: Path,
+    n_models: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    layout: str = "sharded",
+    **config_overrides: object,
+) -> tuple[Path, list[Path]]:
+    """Like make_family but without instantiating a model (fast for bigger checkpoints); returns dirs."""
+    config = tiny_llama_config(**config_overrides)
+    config.torch_dtype = str(dtype).replace("torch.", "")
+    g = torch.Generator().manual_seed(seed)
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in llama_shapes(config).items()}
+    base_dir = save_checkpoint(base, root / "base", layout, config)
+    dirs = []
+    for m in range(n_models):
+        sd = {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+        dirs.append(save_checkpoint(sd, root / f"expert{m}", layout, config))
+    return base_dir, dirs

@@ -64,7 +64,9 @@ def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
     assert sorted(got) == sorted(expected)
     for k in expected:
         assert got[k].dtype == expected[k].dtype, k
-        assert torch.equal(got[k], expected[k]), f"{k}: max diff {(got[k].float() - expected[k].float()).abs().max()}"
+        assert torch.equal(got[k], expected[k]), (
+            f"{k}: max diff {(got[k].float() - expected[k].float()).abs().max()}"
+        )
 
 
 @pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
@@ -75,7 +77,9 @@ def test_stream_equals_in_memory_every_method(tmp_path: Path, method: str, param
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stream_equals_in_memory_each_layout(tmp_path: Path, layout: str) -> None:
-    got, expected, _ = run_case(tmp_path, "ties", {"density": 0.2, "variant": "paper"}, (layout,), torch.bfloat16)
+    got, expected, _ = run_case(
+        tmp_path, "ties", {"density": 0.2, "variant": "paper"}, (layout,), torch.bfloat16
+    )
     assert_same(got, expected)
 
 
@@ -98,7 +102,9 @@ def test_row_chunked_stream_equals_in_memory(tmp_path: Path, method: str, params
 
 
 def test_small_shards_and_sidecar_files(tmp_path: Path) -> None:
-    got, expected, out = run_case(tmp_path, "task_arithmetic", {"lambda": 0.5}, ("single",), shard_size=20_000)
+    got, expected, out = run_case(
+        tmp_path, "task_arithmetic", {"lambda": 0.5}, ("single",), shard_size=20_000
+    )
     assert_same(got, expected)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -145,7 +151,9 @@ def test_cli_merge_plan_and_refuses_existing_out(tmp_path: Path, capsys: pytest.
     base_dir, dirs, _, _ = make_family(tmp_path / "in", 2, layouts=("single",))
     cfg = tmp_path / "cfg.yaml"
     models = "\n".join(f"  - model: {d}" for d in dirs)
-    cfg.write_text(f"merge_method: ties\nbase_model: {base_dir}\nmodels:\n{models}\nparameters:\n  density: 0.5\n")
+    cfg.write_text(
+        f"merge_method: ties\nbase_model: {base_dir}\nmodels:\n{models}\nparameters:\n  density: 0.5\n"
+    )
     assert main(["plan", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert "estimated peak memory" in text and "ties" in text
@@ -162,8 +170,13 @@ def test_plan_reports_shape_mismatch_naming_file_and_tensor(tmp_path: Path) -> N
     bad = dict(experts[1])
     bad["model.norm.weight"] = torch.ones(7)
     save_file(bad, str(dirs[1] / "model.safetensors"))
-    cfg = load_config({"merge_method": "task_arithmetic", "base_model": str(base_dir),
-                       "models": [{"model": str(d)} for d in dirs]})
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base_dir),
+            "models": [{"model": str(d)} for d in dirs],
+        }
+    )
     with pytest.raises(ValueError, match=r"model\.norm\.weight.*expert1"):
         merge_config(cfg, tmp_path / "out", MergeOptions(quiet=True))
     assert not (tmp_path / "out").exists()
@@ -171,9 +184,17 @@ def test_plan_reports_shape_mismatch_naming_file_and_tensor(tmp_path: Path) -> N
 
 def test_tied_embeddings_model_loads_with_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    base_dir, dirs, base, experts = make_family(tmp_path / "in", 2, layouts=("single",), tie_word_embeddings=True)
-    cfg = load_config({"merge_method": "ties", "base_model": str(base_dir),
-                       "models": [{"model": str(d)} for d in dirs], "parameters": {"density": 0.5}})
+    base_dir, dirs, base, experts = make_family(
+        tmp_path / "in", 2, layouts=("single",), tie_word_embeddings=True
+    )
+    cfg = load_config(
+        {
+            "merge_method": "ties",
+            "base_model": str(base_dir),
+            "models": [{"model": str(d)} for d in dirs],
+            "parameters": {"density": 0.5},
+        }
+    )
     out = tmp_path / "out"
     merge_config(cfg, out, MergeOptions(quiet=True))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out))

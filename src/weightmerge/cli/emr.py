@@ -1,8 +1,8 @@
 """``weightmerge emr``: work with EMR artifacts (written by ``weightmerge merge`` with ``merge_method: emr``).
 
-    weightmerge emr info ARTIFACT [--json] [--tensors]
-    weightmerge emr materialize ARTIFACT --task NAME OUT [--base PATH] [--max-shard-size 5GB]
-    weightmerge emr verify ARTIFACT
+weightmerge emr info ARTIFACT [--json] [--tensors]
+weightmerge emr materialize ARTIFACT --task NAME OUT [--base PATH] [--max-shard-size 5GB]
+weightmerge emr verify ARTIFACT
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"artifact: {info['path']} (format {info['format_version']}, weightmerge {info['weightmerge_version']})")
+    version = info["weightmerge_version"]
+    print(f"artifact: {info['path']} (format {info['format_version']}, weightmerge {version})")
     print(f"base: {info['base']['path']} (content sha256 {info['base']['content_sha256'][:16]}...)")
     print(f"rescale: {info['rescale']}; compute dtype: {info['compute_dtype']}")
     print(f"merged: {info['merged_tensors']} tensors, {info['merged_params']:,} parameters")

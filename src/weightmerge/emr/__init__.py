@@ -10,7 +10,7 @@ Reading: :func:`load_emr` -> :class:`EMRArtifact` (``task_state_dict``, ``apply`
 from __future__ import annotations
 
 from weightmerge.emr.artifact import ArtifactError, EMRArtifact, TaskStateDict, load_emr, materialize
-from weightmerge.emr.sources import DictSource, base_identity, open_base
+from weightmerge.emr.sources import DictSource, SourceTensors, base_identity, open_base
 from weightmerge.emr.writer import EMRArtifactWriter, write_emr_artifact
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "DictSource",
     "EMRArtifact",
     "EMRArtifactWriter",
+    "SourceTensors",
     "TaskStateDict",
     "base_identity",
     "load_emr",

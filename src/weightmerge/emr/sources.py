@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,29 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._file.clear()
+
+
+class SourceTensors(Mapping[str, torch.Tensor]):
+    """A lazy mapping over some tensors of a source (e.g. an expert's excluded heads, passed as its
+    per-task tensors to ``EMRArtifactWriter.finalize``): each tensor is read when accessed."""
+
+    def __init__(self, src: TensorSource, names: Iterable[str]) -> None:
+        self.src = src
+        self.names = sorted(names)
+        missing = sorted(set(self.names) - set(src.keys()))
+        if missing:
+            raise KeyError(f"{src.path} has no tensor {missing[0]!r}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.src.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def open_base(base: TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> TensorSource:

@@ -129,7 +129,15 @@ def plot_held_out_scatter(summary: Mapping[str, Any], path: Path, *, title: str)
         x, y = r["normalized_avg"], r["held_out_normalized_avg"]
         color = "#444444" if lb == "individual" else "#999999" if lb == "base" else COLORS[i % len(COLORS)]
         ax.errorbar(
-            x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=color, capsize=2, ms=6, label=lb
+            x["mean"],
+            y["mean"],
+            xerr=x["std"],
+            yerr=y["std"],
+            fmt="o",
+            color=color,
+            capsize=2,
+            ms=6,
+            label=lb,
         )
         ax.annotate(lb, (x["mean"], y["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")

@@ -71,6 +71,8 @@ _REFUSED_OPTIONS = (
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 _OTHER_ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_", "trainable_tokens")
 
+BLOCK_ROWS = 128  # LoRA products are computed per aligned block of this many rows (see _lora_delta)
+
 Layout = Literal["out_in", "in_out"]  # how W stores (out, in) or (in, out)
 
 
@@ -477,20 +479,14 @@ class PeftSource:
                 # DoRA norms run over dim 0 here: compute on the whole tensor, then slice.
                 whole = self._apply(plan, name, self._full(plan, name).to(cd), None, cd)
                 return whole[rows[0] : rows[1]]
-            if t.layout == "out_in":
-                delta = ad.read(t.b, rows).to(cd) @ ad.read(t.a).to(cd)
-            else:
-                a = ad.read(t.a).to(cd)
-                a = a if rows is None else a[:, rows[0] : rows[1]]
-                delta = (ad.read(t.b).to(cd) @ a).T
-            merged = w + delta * t.scaling
+            start, stop = (0, w.shape[0]) if rows is None else rows
+            merged = w + self._lora_delta(t, start, stop, cd)
             if t.magnitude is None:
                 return merged
             m = ad.read(t.magnitude).to(cd)
             if t.layout == "out_in":
-                m = m if rows is None else m[rows[0] : rows[1]]
-                return (m / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
-            return (m / torch.linalg.norm(merged, dim=0)).view(1, -1) * merged
+                return (m[start:stop] / _norms(merged)).view(-1, 1) * merged
+            return (m / _norms(merged.T)).view(1, -1) * merged
         if isinstance(t, _LoraBias):
             return w + ad.read(t.b_bias, rows).to(cd) * t.scaling
         if isinstance(t, _Ia3):
@@ -504,5 +500,38 @@ class PeftSource:
             return w * (vec if rows is None else vec[rows[0] : rows[1]])
         raise AssertionError(f"unknown transform {t!r}")
 
+    def _lora_delta(self, t: _Lora, start: int, stop: int, cd: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) of the scaled LoRA product, computed per aligned block of BLOCK_ROWS
+        rows (each block by the same matmul call whatever range is asked), so that any row range
+        equals the same rows of a whole-tensor read bit for bit."""
+        ad = self.adapter
+        a = _fresh(ad.read(t.a), cd)
+        if t.layout == "out_in":
+            n_rows, n_cols = ad.info(t.b).shape[0], a.shape[1]
+            b = None
+        else:
+            b = _fresh(ad.read(t.b), cd)
+            n_rows, n_cols = a.shape[1], b.shape[0]
+        out = torch.empty((stop - start, n_cols), dtype=cd)
+        for bs in range(start - start % BLOCK_ROWS, stop, BLOCK_ROWS):
+            be = min(bs + BLOCK_ROWS, n_rows)
+            # out_in: rows of B @ A; in_out: columns of B @ A, i.e. rows of its transpose
+            block = _fresh(ad.read(t.b, (bs, be)), cd) @ a if b is None else (b @ _fresh(a[:, bs:be], cd)).T
+            lo, hi = max(bs, start), min(be, stop)
+            out[lo - start : hi - start] = block[lo - bs : hi - bs] * t.scaling
+        return out
+
     def close(self) -> None:
         self.adapter.close()
+
+
+def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy in freshly allocated (aligned) memory, so equal inputs meet BLAS equally."""
+    out = torch.empty(t.shape, dtype=dtype)
+    out.copy_(t)
+    return out
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row, one row at a time (the same reduction whatever rows are present)."""
+    return torch.stack([torch.linalg.vector_norm(r) for r in x]) if x.shape[0] else x.new_empty(0)

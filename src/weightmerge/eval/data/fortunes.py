@@ -120,11 +120,10 @@ def _load_fortune_file(path: Path) -> tuple[str, ...]:  # cached per path, once 
     return tuple(t for t in texts if t is not None)
 
 
-def language_files(folder: str, exclude: tuple[str, ...]) -> list[str]:
-    """Fortune files of one language (relative paths, sorted): text files, not .dat/.u8 indexes."""
+def language_files(root: Path, folder: str, exclude: tuple[str, ...]) -> list[str]:
+    """Fortune files of one language (paths relative to `root`, sorted): text files, not .dat/.u8."""
     if folder == "":
         return list(ENGLISH_FILES)
-    root = fortunes_root()
     if (root / folder).is_file():
         return [folder]
     if not (root / folder).is_dir():
@@ -148,13 +147,19 @@ def build_topic(*, seed: int, n_train: int, n_val: int, n_test: int) -> Task:
 
 
 def language_pools() -> dict[str, list[str]]:
-    pools: dict[str, list[str]] = {}
+    """label -> kept texts of that language (computed once per process and fortunes folder)."""
+    return {label: list(texts) for label, texts in _language_pools(fortunes_root())}
+
+
+@functools.cache
+def _language_pools(root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    pools = []
     for label, folder, exclude in LANGUAGES:
-        texts = [t for f in language_files(folder, exclude) for t in load_fortune_file(f)]
+        texts = [t for f in language_files(root, folder, exclude) for t in _load_fortune_file(root / f)]
         if label != "english":
             texts = [t for t in texts if english_fraction(t) < 0.25]
-        pools[label] = texts
-    return pools
+        pools.append((label, tuple(texts)))
+    return tuple(pools)
 
 
 def build_language(*, seed: int, n_train: int, n_val: int, n_test: int) -> Task:

@@ -1,0 +1,7 @@
+"""python -m weightmerge.cli"""
+
+import sys
+
+from weightmerge.cli import main
+
+sys.exit(main())
