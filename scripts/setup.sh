@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian data packages (for the built-in benchmark), a virtual environment
 # in .venv with the CPU build of torch 2.13.0, weightmerge and its extras. Idempotent.
-# With --test, also the test-only oracles (mergekit 0.1.5, fusion-bench 0.2.33).
+# With --test, also the test-only oracles (mergekit 0.1.5, fusion-bench 0.2.33, peft).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEB_PACKAGES="wordnet-base fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-eo"
@@ -28,5 +28,7 @@ if [ "${1:-}" = "--test" ]; then
   pipq "mergekit==0.1.5"
   # EMR oracle (tests/test_emr.py): fusion-bench's deps (lightning, hydra, ...) accept torch 2.13.0
   pipq "fusion-bench==0.2.33"
+  # PEFT oracle (tests/test_io_peft.py: merge_and_unload); --no-deps keeps torch as installed
+  pipq --no-deps "peft>=0.17" "accelerate>=1.0"  # usually already pulled in by fusion-bench
 fi
 .venv/bin/python -c "import torch, weightmerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"

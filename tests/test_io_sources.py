@@ -90,13 +90,15 @@ def test_info_touches_no_tensor_data(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_file(sd, str(path))
     before = SafetensorsFile(str(path))
-    infos = {k: before.info(k) for k in before.keys()}
+    names = before.keys()
+    infos = {k: before.info(k) for k in names}
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
     raw = bytearray(path.read_bytes())
     raw[8 + n :] = bytes(len(raw) - 8 - n)
     path.write_bytes(bytes(raw))
     after = SafetensorsFile(str(path))
-    assert {k: after.info(k) for k in after.keys()} == infos
+    assert {k: after.info(k) for k in names} == infos
+    assert after.keys() == names
     assert torch.equal(after.read("a.weight"), torch.zeros(7, 5))
 
 
@@ -162,7 +164,7 @@ def _good_header() -> tuple[dict, bytes]:
         ),
     ],
 )
-def test_corrupted_header_entries(tmp_path: Path, mutate, pattern: str) -> None:  # noqa: ANN001
+def test_corrupted_header_entries(tmp_path: Path, mutate, pattern: str) -> None:
     header, data = mutate(*_good_header())
     path = raw_safetensors(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(ValueError, match=pattern) as err:
@@ -225,7 +227,7 @@ def test_index_lists_tensor_absent_from_its_shard(tmp_path: Path) -> None:
 
 
 def test_duplicate_tensor_across_shards(tmp_path: Path) -> None:
-    idx, index = _sharded(tmp_path)
+    idx, _ = _sharded(tmp_path)
     save_file({"b": torch.zeros(3), "a": torch.ones(2)}, str(idx.parent / "model-00002-of-00003.safetensors"))
     with pytest.raises(ValueError, match=r"tensor 'a' is stored twice"):
         open_source(idx.parent)
@@ -240,7 +242,7 @@ def test_tensor_in_shard_not_in_index(tmp_path: Path) -> None:
 
 
 def test_bad_index_json(tmp_path: Path) -> None:
-    idx, index = _sharded(tmp_path)
+    idx, _ = _sharded(tmp_path)
     idx.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         open_source(idx.parent)
@@ -274,7 +276,7 @@ def test_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path
     marker = tmp_path / "ran"
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (Path.touch, (marker,))
 
     torch.save({"w": torch.ones(2), "e": Evil()}, tmp_path / "x.bin")

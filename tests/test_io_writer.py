@@ -4,6 +4,7 @@ transformers."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import struct
@@ -84,7 +85,7 @@ def test_header_is_padded_and_every_tensor_aligned(tmp_path: Path) -> None:
         assert (8 + n + begin) % sizes[e["dtype"]] == 0, name
         ends.append((begin, end))
     ends.sort()
-    assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:], strict=False))
+    assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ends))
     assert len(raw) == 8 + n + ends[-1][1]
 
 
@@ -160,7 +161,7 @@ def test_row_writes_in_any_order_from_threads(tmp_path: Path) -> None:
     for k in sd:
         if k != "scalar":
             cuts = [0, 5, 6, 19, 37]
-            jobs += [(k, (a, b)) for a, b in zip(cuts, cuts[1:], strict=False)]
+            jobs += [(k, (a, b)) for a, b in itertools.pairwise(cuts)]
     random.Random(0).shuffle(jobs)
     w = ShardedSafetensorsWriter(tmp_path, _layout(sd), shard_size=1000)
 
@@ -222,7 +223,7 @@ def test_layout_errors(tmp_path: Path) -> None:
         ShardedSafetensorsWriter(
             tmp_path, [("x", (1,), torch.float32), ("x", (1,), torch.float32)], shard_size=9
         )
-    with pytest.raises(TypeError, match="'c': dtype torch.complex64 cannot be stored"):
+    with pytest.raises(TypeError, match=r"'c': dtype torch\.complex64 cannot be stored"):
         ShardedSafetensorsWriter(tmp_path, [("c", (1,), torch.complex64)], shard_size=9)
 
 

@@ -126,7 +126,7 @@ def format_text(s: dict[str, Any], *, limit: int | None) -> str:
         lines.append("")
         lines.append(f"{'name':<{width}}  {'dtype':<9} {'shape':<22} size")
         for r in rows:
-            shape = "(" + ", ".join(str(d) for d in r["shape"]) + ")"
+            shape = str(tuple(r["shape"]))
             lines.append(f"{r['name']:<{width}}  {r['dtype']:<9} {shape:<22} {human_bytes(r['bytes'])}")
         if len(rows) < len(s["tensors"]):
             lines.append(f"... {len(s['tensors']) - len(rows)} more (--all shows every tensor)")

@@ -64,8 +64,8 @@ def unpack(
     hi = stop - 8 * first_byte
     if lo < 0 or hi > 8 * arr.size or lo > hi:
         raise ValueError(f"elements [{start}, {stop}) are not inside the {arr.size} bytes given")
-    bits = np.unpackbits(arr, count=hi, bitorder=BIT_ORDER)[lo:]
-    return torch.from_numpy(bits.astype(np.bool_, copy=False))
+    bits = np.unpackbits(arr, count=hi, bitorder=BIT_ORDER)[lo:]  # 0/1 bytes: a valid bool view
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def padding_ok(last_byte: int, numel: int) -> bool:

@@ -527,6 +527,20 @@ def manifest(
     }
 
 
+def contention_hint() -> str | None:
+    """A hint when the CPU is oversubscribed and OpenMP threads would spin (several times slower)."""
+    if "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores + 0.5:
+        return None
+    return (
+        f"note: the machine is busy (load {load:.1f} on {cores} cores); torch's OpenMP threads spin "
+        "while they wait, which can make fine-tuning several times slower: set OMP_WAIT_POLICY=PASSIVE "
+        "in the environment or use --threads 1"
+    )
+
+
 def run_eval(
     cfg: EvalConfig,
     *,
@@ -541,6 +555,9 @@ def run_eval(
     started = time.time()
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
+    hint = contention_hint()
+    if hint:
+        log(hint)
     cache = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
     encoder = load_encoder(cfg.model, cache_dir=cache)
     per_seed = []

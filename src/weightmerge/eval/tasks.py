@@ -31,7 +31,6 @@ import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 Example = tuple[str, int]  # (text, label index)
 
@@ -222,10 +221,6 @@ def make_task(
 
 # --------------------------------------------------------------------------------------------------
 # registry
-
-
-class TaskBuilder(Protocol):
-    def __call__(self, *, seed: int, n_train: int, n_val: int, n_test: int) -> Task: ...
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

@@ -1,22 +1,19 @@
 """Reading one ``.safetensors`` file lazily: the JSON header is parsed and checked here (no tensor
-data touched), tensors and row ranges are read through a private memory map.
+data touched), tensors and row ranges are read with positioned reads (``preadv``) into fresh memory.
 
 Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes
 of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
 then the data buffer; offsets are relative to the buffer start, data little-endian, row-major.
 
-``read`` returns a tensor that shares memory with the map when the slice is aligned for its dtype
-(the usual case: writers order tensors by decreasing element size), else an aligned copy of just
-that slice. The map is private (copy-on-write), so writing into a returned tensor can never change
-the file; callers still must not do it (later reads of the same source would see the change).
+``read`` returns a fresh tensor the caller owns (writing into it never touches the file or later
+reads). Memory maps are not used on purpose: touched mapped pages stay resident and count in
+the process RSS, so a long streaming merge would grow towards the model size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import mmap
 import os
 import struct
 import threading
@@ -120,7 +117,7 @@ class SafetensorsFile:
         self.path = path
         self.config = config
         self._entries, self.metadata = read_header(path)
-        self._mm: mmap.mmap | None = None
+        self._fdesc: int | None = None
         self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
@@ -138,12 +135,11 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self._entry(name).info
 
-    def _map(self) -> mmap.mmap:
+    def _fd(self) -> int:
         with self._lock:
-            if self._mm is None:
-                with open(self.path, "rb") as f:
-                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            return self._mm
+            if self._fdesc is None:
+                self._fdesc = os.open(self.path, os.O_RDONLY)
+            return self._fdesc
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         e = self._entry(name)
@@ -155,20 +151,26 @@ class SafetensorsFile:
         end = e.begin + stop * row_bytes if shape else e.end
         if end == begin:
             return torch.empty(out_shape, dtype=e.info.dtype)
-        view = memoryview(self._map())[begin:end]
-        if begin % itemsize(e.info.dtype) == 0:
-            flat = torch.frombuffer(view, dtype=e.info.dtype)
-        else:  # unaligned for this dtype: copy just this slice into aligned memory
-            flat = torch.frombuffer(view, dtype=torch.uint8).clone().view(e.info.dtype)
+        # Positioned read into fresh memory, not a memory map: mapped pages stay resident (and count
+        # in the process RSS) after use, so a long merge would grow towards the model size; a pread
+        # buffer is freed with the tensor, keeping peak memory independent of the model size.
+        flat = torch.empty(end - begin, dtype=torch.uint8)
+        buf = flat.numpy().data
+        done = 0
+        fd = self._fd()
+        while done < end - begin:
+            got = os.preadv(fd, [buf[done:]], begin + done)
+            if got <= 0:
+                raise _fail(self.path, f"unexpected end of file reading tensor {name!r}")
+            done += got
+        flat = flat.view(e.info.dtype)
         return flat.reshape(out_shape)
 
     def close(self) -> None:
         with self._lock:
-            mm, self._mm = self._mm, None
-        if mm is not None:
-            # tensors returned by read() may still use it: then it closes when they are freed
-            with contextlib.suppress(BufferError):
-                mm.close()
+            fdesc, self._fdesc = self._fdesc, None
+        if fdesc is not None:
+            os.close(fdesc)
 
     def __enter__(self) -> SafetensorsFile:
         return self
