@@ -197,13 +197,14 @@ def test_matches_reference_with_defaults(scope: str) -> None:
 
 
 def dare_masks(models: list[dict], base: dict, p: float, seed: int) -> list[dict]:
-    """The drop masks the spec prescribes: u < p on the seeded draws of each (tensor, model)."""
+    """The drop masks: dropped where not (u < 1 - p) on the seeded draws of each (tensor, model),
+    i.e. DARE's keep rule u < density with density = 1 - p."""
     out = []
     for i in range(len(models)):
         masks = {}
         for k, b in base.items():
             u = uniform(seed, k, i, 0, b.numel(), b.numel()).to(F64)
-            masks[k] = (u < p).reshape(b.shape)
+            masks[k] = (~(u < 1.0 - p)).reshape(b.shape)
         out.append(masks)
     return out
 

@@ -182,7 +182,7 @@ def fine_tune(
                     head_sd = {"weight": head.weight.detach(), "bias": head.bias.detach()}
                     acc = head_accuracy(head_sd, feats, val_labels)
                     history.append((round(eval_at[step], 4), acc))
-                    bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{acc:.3f}")
+                    bar.set_postfix(loss=f"{loss.detach().item():.3f}", val=f"{acc:.3f}")
                     if acc > best_acc:
                         best_acc, bad = acc, 0
                         best_body = body_state(body)

@@ -27,7 +27,8 @@ tensors concatenated in sorted name order: pass 1 finds lo_i, hi_i (exact order 
 their largest entry: floor(D*(1-c)) - 1 < D - 1 as soon as D*c > 0).
 
 Optional ``dare_drop_rate`` p ("PCB after DARE"): every task-vector entry is first dropped where
-its seeded uniform draw u < p and the rest is scaled by 1/(1-p); the draws depend only on (seed,
+its seeded uniform draw u >= 1 - p (the same keep rule u < density as ``dare_*``, so equal seeds
+give equal masks) and the rest is scaled by 1/(1-p); the draws depend only on (seed,
 tensor, model, element), so every pass and every chunking sees the same T.
 
 Degenerate inputs (documented, always finite): a row whose clamped magnitudes are constant
@@ -72,18 +73,11 @@ def drop_rank(*, numel: int, keep_ratio: float) -> int:
 # Pure element-wise pieces on flat rows: t (n, m) task vectors, stats (n, 1)
 
 
-def _f32_at_least(p: float) -> float:
-    """The smallest float32 >= p, so ``u < p`` can be tested exactly on float32 draws u."""
-    q = torch.tensor(p, dtype=torch.float32)
-    if float(q) < p:
-        q = torch.nextafter(q, torch.tensor(math.inf, dtype=torch.float32))
-    return float(q)
-
-
 def dare_drop(
     t: Tensor, *, rates: Sequence[float], seed: int, name: str, offset: int, full_numel: int, inplace: bool
 ) -> Tensor:
-    """Drop entry e of model i where uniform(seed, name, i, e) < p_i, scale the rest by 1/(1-p_i).
+    """Keep entry e of model i where uniform(seed, name, i, e) < 1 - p_i (DARE's keep rule, shared with
+    ``dare_linear``/``dare_ties``), zero the rest, scale the kept ones by 1/(1-p_i).
 
     ``t``: (n, m), the chunk's flat elements ``[offset, offset + m)`` of tensor ``name``.
     """
@@ -92,7 +86,7 @@ def dare_drop(
         if not p:
             continue
         u = uniform(seed, name, i, offset, t.shape[1], full_numel)
-        out[i].masked_fill_(u < _f32_at_least(p), 0.0).mul_(1.0 / (1.0 - p))
+        out[i].masked_fill_(~(u < 1.0 - p), 0.0).mul_(1.0 / (1.0 - p))
     return out
 
 
