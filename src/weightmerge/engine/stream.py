@@ -22,16 +22,23 @@ class Sink(Protocol):
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
-    """A read-on-access mapping over a TensorSource (for per-tensor statistics such as Fisher)."""
+    """A read-on-access mapping over a TensorSource (for per-tensor statistics such as Fisher).
+
+    The last tensor read is kept, so the row chunks of one tensor read its statistics once.
+    (Statistics are read whole: a row-chunked merge holds one full statistics tensor per model.)
+    """
 
     def __init__(self, src: TensorSource) -> None:
         self.src = src
         self._keys = set(src.keys())
+        self._last: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        return self.src.read(key)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.src.read(key))
+        return self._last[1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._keys))
