@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import shutil
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from weightmerge.emr.sources import (
     row_chunks,
     tensor_sha256,
 )
-from weightmerge.emr.stfile import Entry, ShardedWriter, dtype_code, dtype_name, parse_dtype, read_header
+from weightmerge.emr.stfile import Entry, dtype_code, dtype_name, parse_dtype, read_header
 from weightmerge.emr.writer import (
     DEFAULT_SHARD_BYTES,
     FORMAT,
@@ -46,24 +45,15 @@ from weightmerge.emr.writer import (
     RESCALES,
     file_sha256,
 )
+from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
+from weightmerge.io.writer import ShardedSafetensorsWriter
 
 BaseLike = TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 Rows = tuple[int, int] | None
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-# Files copied from the base checkpoint's directory next to a materialized task (when present).
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "preprocessor_config.json",
-)
+# Copied from the base checkpoint's directory next to a materialized task, with the tokenizer files.
+SIDE_FILES = ("generation_config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -612,7 +602,8 @@ def materialize(
     Memory: row chunks of at most ``chunk_bytes`` of output (a few such buffers live at once).
     Checks (before anything is created): task name, base header, base content (sha256 of every
     tensor, one extra read of the base; ``verify_base=False`` skips the content check), the
-    artifact files this task uses. Written into a hidden sibling directory, renamed at the end.
+    artifact files this task uses. Written with ``weightmerge.io``'s sharded writer into an atomic
+    output directory (renamed into place at the end).
     """
     a = artifact if isinstance(artifact, EMRArtifact) else load_emr(artifact)
     i = a.task_index(task)
@@ -635,43 +626,25 @@ def materialize(
             info = src.info(name)
             entries.append(Entry(name, tuple(info.shape), info.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        writer = ShardedWriter(
-            tmp,
-            entries,
-            prefix="model",
-            max_shard_bytes=max_shard_bytes,
-            metadata={"format": "pt"},
-            index=True,
-        )
-        try:
+    with atomic_output_dir(out, force=False) as tmp:
+        layout = [(e.name, e.shape, e.dtype) for e in entries]
+        with ShardedSafetensorsWriter(tmp, layout, shard_size=max_shard_bytes) as writer:
             for e in entries:
                 _write_output_tensor(a, i, src, writer, e, chunk_bytes)
-        finally:
-            writer.close()
         _copy_side_files(a, i, src, tmp)
-        if out.exists():
-            raise FileExistsError(f"{out} appeared while writing; nothing was written")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _write_output_tensor(
-    a: EMRArtifact, i: int, src: TensorSource, writer: ShardedWriter, e: Entry, chunk_bytes: int
+    a: EMRArtifact, i: int, src: TensorSource, writer: ShardedSafetensorsWriter, e: Entry, chunk_bytes: int
 ) -> None:
     if e.name in a.per_task[i]["tensors"]:
-        writer.write_tensor(e.name, a.task_tensor(i, e.name))
+        writer.write(e.name, a.task_tensor(i, e.name))
         return
     row_numel = math.prod(e.shape[1:]) if e.shape else 1
     for rows in row_chunks(e.shape, row_numel * e.itemsize, chunk_bytes):
         b = src.read(e.name, rows)
-        value = a.reconstruct(i, e.name, b, rows) if e.name in a.tensors else b
-        writer.write_tensor(e.name, value, 0 if rows is None else rows[0] * row_numel)
+        writer.write(e.name, a.reconstruct(i, e.name, b, rows) if e.name in a.tensors else b, rows)
 
 
 def _copy_side_files(a: EMRArtifact, i: int, src: TensorSource, out: Path) -> None:
@@ -687,6 +660,7 @@ def _copy_side_files(a: EMRArtifact, i: int, src: TensorSource, out: Path) -> No
         for f in SIDE_FILES:
             if (base_dir / f).is_file():
                 shutil.copyfile(base_dir / f, out / f)
+        copy_tokenizer_files(base_dir, out)
 
 
 __all__ = ["ArtifactError", "EMRArtifact", "TaskStateDict", "load_emr", "materialize"]

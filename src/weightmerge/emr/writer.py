@@ -11,19 +11,21 @@ Artifact directory (format version 1; see docs/emr-artifact.md):
     task-000.safetensors ...          per task: its own tensors that are not merged (heads, ...)
     task-000.config.json ...          per task, optional: its own config.json
 
-Everything is written into a hidden sibling directory and renamed into place by ``finalize``;
-an error or an unfinished writer leaves nothing at ``out_dir``.
+By default everything is written into a hidden sibling directory (``weightmerge.io.atomic``) and
+renamed into place by ``finalize``; an error or an unfinished writer leaves nothing at ``out_dir``.
+With ``atomic=False`` the files go straight into an existing directory that the caller makes
+atomic (``weightmerge merge`` does), and ``abort`` deletes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import secrets
-import shutil
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +36,7 @@ from weightmerge.emr import bits
 from weightmerge.emr.sources import base_identity as compute_base_identity
 from weightmerge.emr.sources import check_identity
 from weightmerge.emr.stfile import Entry, FileWriter, ShardedWriter, dtype_name
+from weightmerge.io.atomic import atomic_output_dir
 from weightmerge.methods.base import EMRTensor
 
 FORMAT = "weightmerge-emr"
@@ -111,6 +114,7 @@ class EMRArtifactWriter:
         unified_dtype: torch.dtype | None = None,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         fsync: bool = True,
+        atomic: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.tasks = check_tasks(tasks)
@@ -130,30 +134,38 @@ class EMRArtifactWriter:
                 raise TypeError(
                     f"tensor {e.name!r}: the unified vector needs a floating dtype, got {e.dtype}"
                 )
-        if self.out_dir.exists():
-            raise FileExistsError(f"{self.out_dir} already exists; remove it or choose another output")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
+        self._created: list[str] = []
+        self._atomic: AbstractContextManager[Path] | None = None
+        if atomic:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._atomic = atomic_output_dir(self.out_dir, force=False)
+            self.dir = self._atomic.__enter__()
+        else:
+            if not self.out_dir.is_dir():
+                raise NotADirectoryError(f"{self.out_dir} is not a directory (atomic=False writes into one)")
+            if (self.out_dir / MANIFEST).exists():
+                raise FileExistsError(f"{self.out_dir} already holds an EMR artifact")
+            self.dir = self.out_dir
         self._done = False
         try:
             self._unified = ShardedWriter(
-                self.tmp,
+                self.dir,
                 self.unified_entries,
                 prefix="unified",
                 max_shard_bytes=max_shard_bytes,
                 metadata={"format": FORMAT, "content": "unified task vector"},
             )
-            self._masks = [
-                FileWriter(
-                    self.tmp / mask_file(i),
-                    [Entry(e.name, (bits.packed_size(e.numel),), torch.uint8) for e in self.outputs.values()],
-                    {"format": FORMAT, "content": "mask", "task": task, "bit_order": bits.BIT_ORDER},
-                )
-                for i, task in enumerate(self.tasks)
-            ]
+            self._created += self._unified.files
+            self._masks = []
+            for i, task in enumerate(self.tasks):
+                entries = [
+                    Entry(e.name, (bits.packed_size(e.numel),), torch.uint8) for e in self.outputs.values()
+                ]
+                meta = {"format": FORMAT, "content": "mask", "task": task, "bit_order": bits.BIT_ORDER}
+                self._masks.append(FileWriter(self.dir / mask_file(i), entries, meta))
+                self._created.append(mask_file(i))
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._discard()
             raise
         self._shared = bits.SharedBytes()
         self._written = dict.fromkeys(self.outputs, 0)  # elements written per tensor
@@ -295,7 +307,7 @@ class EMRArtifactWriter:
             self._write_task_files(i, per_task.get(task, {}), configs.get(task))
             for i, task in enumerate(self.tasks)
         ]
-        files = sorted(p.name for p in self.tmp.iterdir())
+        files = sorted(self._created)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -319,16 +331,16 @@ class EMRArtifactWriter:
             "per_task": per_task_meta,
             "base": self.identity,
             "files": {
-                f: {"bytes": (self.tmp / f).stat().st_size, "sha256": file_sha256(self.tmp / f)}
+                f: {"bytes": (self.dir / f).stat().st_size, "sha256": file_sha256(self.dir / f)}
                 for f in files
             },
         }
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if self.fsync:
-            _fsync_dir(self.tmp)
-        if self.out_dir.exists():
-            raise FileExistsError(f"{self.out_dir} appeared while writing; the artifact was not written")
-        os.rename(self.tmp, self.out_dir)
+        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        self._created.append(MANIFEST)
+        if self._atomic is not None:
+            self._atomic.__exit__(None, None, None)  # fsync, then rename into place
+        elif self.fsync:
+            _fsync_dir(self.dir)
         self._done = True
         return self.out_dir
 
@@ -338,7 +350,8 @@ class EMRArtifactWriter:
         meta: dict[str, Any] = {"task": self.tasks[i], "file": None, "tensors": {}, "config": None}
         if config is not None:
             meta["config"] = task_config_file(i)
-            (self.tmp / meta["config"]).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+            self._created.append(meta["config"])
+            (self.dir / meta["config"]).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         if not tensors:
             return meta
         entries = []
@@ -351,8 +364,9 @@ class EMRArtifactWriter:
             entries.append(Entry(name, tuple(t.shape), t.dtype))
             meta["tensors"][name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
         meta["file"] = task_file(i)
+        self._created.append(meta["file"])
         w = FileWriter(
-            self.tmp / meta["file"],
+            self.dir / meta["file"],
             entries,
             {"format": FORMAT, "content": "task tensors", "task": self.tasks[i]},
         )
@@ -364,14 +378,24 @@ class EMRArtifactWriter:
         return meta
 
     def abort(self) -> None:
-        """Discard everything written; nothing remains at ``out_dir``."""
+        """Discard everything written; nothing remains at ``out_dir`` (atomic) or of the files this
+        writer created in it (``atomic=False``)."""
         if self._done:
             return
         self._done = True
         self._unified.close(fsync=False)
         for w in self._masks:
             w.close(fsync=False)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._discard()
+
+    def _discard(self) -> None:
+        self._done = True
+        if self._atomic is not None:
+            self._atomic.__exit__(_Aborted, _Aborted("EMR artifact aborted"), None)  # removes the directory
+        else:
+            for f in self._created:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.dir / f).unlink()
 
     def __enter__(self) -> EMRArtifactWriter:
         return self
@@ -386,6 +410,10 @@ class EMRArtifactWriter:
             raise ValueError(
                 f"EMR artifact writer for {self.out_dir} closed without finalize(); nothing written"
             )
+
+
+class _Aborted(Exception):
+    """Thrown into the atomic output directory to make it discard its contents."""
 
 
 def _version() -> str:

@@ -142,6 +142,7 @@ def merge_config(
     plan = inputs.plan
     timings: dict[str, float] = {"plan_s": time.perf_counter() - t0}
     ref = inputs.base if inputs.base is not None else inputs.models[0]
+    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_output_dir(out, force=opts.force) as tmp:
             tmp = Path(tmp)

@@ -5,7 +5,7 @@ Layout under the cache directory (default ``~/.cache/weightmerge``, or ``$WEIGHT
     experts/<task>-<key[:20]>/expert.safetensors   body.* and head.* tensors (float32)
     experts/<task>-<key[:20]>/meta.json            task, settings, validation history, timing
     experts/<task>-<key[:20]>/fisher-<k>.safetensors, gram-<k>.safetensors   statistics
-    models/tiny-random-v1/                          the generated test encoder
+    models/tiny-random-v2/                          the generated test encoder
 
 A key is the sha256 of a canonical JSON of everything the content depends on (task fingerprint,
 model fingerprint, training settings, seed, format version), so changed data or settings never

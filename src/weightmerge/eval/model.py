@@ -12,12 +12,14 @@ Model references (the ``model:`` key of an eval config):
 * any local folder holding a Hugging Face encoder and its tokenizer (``config.json``,
   ``model.safetensors`` or ``pytorch_model.bin``, tokenizer files).
 
-The fingerprint of an encoder (used in cache keys) is a hash of its config and weight files.
+The fingerprint of an encoder (used in cache keys) is a hash of its config, weight and tokenizer
+files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import string
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,8 +31,19 @@ import torch
 from torch import nn
 
 BUILTIN_MODELS = ("minilm", "tiny-random")
-TINY_RANDOM_VERSION = "1"
+TINY_RANDOM_VERSION = "2"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def quiet_transformers() -> None:
@@ -65,7 +78,7 @@ def make_tiny_encoder(
 ) -> Path:
     """Write a random BERT (seeded, deterministic bits) and its tokenizer to ``directory``."""
     quiet_transformers()
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertConfig, BertModel
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +97,11 @@ def make_tiny_encoder(
     torch.manual_seed(seed)
     model = BertModel(config, add_pooling_layer=False)
     model.save_pretrained(str(out))
-    BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True).save_pretrained(str(out))
+    # vocab.txt + tokenizer_config.json load with AutoTokenizer in transformers 4 and 5 alike
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128}),
+        encoding="utf-8",
+    )
     return out
 
 
@@ -123,9 +140,9 @@ def resolve_model_path(model: str, *, cache_dir: str | os.PathLike[str]) -> Path
 
 
 def fingerprint_folder(path: Path) -> str:
-    """sha256 over the config and weight files of a model folder (names and bytes)."""
+    """sha256 over the config, weight and tokenizer files of a model folder (names and bytes)."""
     h = hashlib.sha256()
-    names = ["config.json", *(f for f in _WEIGHT_FILES if (path / f).exists())]
+    names = ["config.json", *(f for f in (*_WEIGHT_FILES, *_TOKENIZER_FILES) if (path / f).exists())]
     shards = sorted(p.name for p in path.glob("model-*.safetensors"))
     for name in [*names, *shards]:
         h.update(name.encode())
