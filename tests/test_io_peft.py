@@ -55,7 +55,7 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 # ---- a hand-built model and adapters --------------------------------------------------------------
 
-V, H, I = 150, 8, 140  # vocab and intermediate above BLOCK_ROWS, so LoRA products span blocks
+V, H, I = BLOCK_ROWS + 22, 8, BLOCK_ROWS + 12  # above BLOCK_ROWS: LoRA products span two blocks
 
 
 def base_sd(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -422,7 +422,7 @@ def test_pattern_value_matches_peft_rules() -> None:
         (
             {"peft_type": "IA3", "feedforward_modules": []},
             {f"{P}model.layers.0.mlp.down_proj.ia3_l": torch.ones(1, I)},
-            r"is not a feed-forward module per feedforward_modules, but its vector has shape \(1, 140\)",
+            rf"is not a feed-forward module per feedforward_modules, but its vector has shape \(1, {I}\)",
         ),
     ],
 )
@@ -461,13 +461,13 @@ def test_adapter_bin_is_read_safely(tmp_path: Path) -> None:
 # ---- parity with PEFT itself --------------------------------------------------------------------
 
 
-def _tiny_llama(vocab: int = 160):
+def _tiny_llama(vocab: int = BLOCK_ROWS + 40):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=32,
-        intermediate_size=136,
+        intermediate_size=BLOCK_ROWS + 8,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -479,7 +479,13 @@ def _tiny_gpt2():
     from transformers import GPT2Config
 
     return GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=150, n_positions=32, bos_token_id=0, eos_token_id=0
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=BLOCK_ROWS + 30,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 

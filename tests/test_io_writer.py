@@ -259,3 +259,22 @@ def test_transformers_loads_writer_output(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_fp8_and_unsigned_dtypes_round_trip(tmp_path: Path) -> None:
+    from weightmerge.io import open_source
+
+    sd = {
+        "f8": torch.randn(5, 3).to(torch.float8_e4m3fn),
+        "f8e5": torch.randn(4).to(torch.float8_e5m2),
+        "e8m0": torch.ones(3).to(torch.float8_e8m0fnu),
+        "u16": torch.tensor([1, 2, 60000], dtype=torch.int32).to(torch.uint16),
+        "u32": torch.tensor([1, 2, 3]).to(torch.uint32),
+        "u64": torch.tensor([5, 6]).to(torch.uint64),
+        "b0": torch.tensor(True),
+    }
+    with ShardedSafetensorsWriter(tmp_path, _layout(sd), shard_size=10**6) as w:
+        _write_all(w, sd)
+    _same(load_file(str(tmp_path / "model.safetensors")), sd)
+    src = open_source(tmp_path)
+    _same({k: src.read(k) for k in sd}, sd)

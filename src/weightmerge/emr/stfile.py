@@ -6,8 +6,10 @@ any order. The bytes depend only on the layout and the data, never on the write 
 are laid out in the order given, without gaps; the JSON header is compact and padded with spaces
 to a multiple of 8 bytes, as the safetensors library writes it.
 
-(The engine's shared sharded writer in ``weightmerge.io`` had not landed when this was written;
-this module is self-contained so the artifact format does not depend on it.)
+Materialized checkpoints use ``weightmerge.io.writer``; the artifact keeps this small writer
+because masks need byte-level positioned writes (partial mask bytes of row chunks), its files
+have their own names (``unified*``, ``masks-*``), and the artifact format must not change when
+the checkpoint writer's layout rules do.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ Example (the full schema; every key but ``tasks`` and ``methods`` has a default)
         label: TA                  # the row name in reports (default: the method name)
         params: {lambda: 0.3}      # the "default" point (reported as the label)
         grid: {lambda: [0.3, 0.5, 0.7, 1.0]}   # optional: cartesian grid, best on validation
+        dtype: float32             # compute dtype of the merge (float64 for ill-conditioned RegMean)
 
 Statistics parameters (``fisher``, ``gram``) are computed by the harness and must not be given.
 Errors are :class:`EvalConfigError` (a ValueError) naming the file and the offending key.
@@ -33,7 +34,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,6 +83,7 @@ class MethodEntry(_Doc):
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    dtype: Literal["float32", "float64"] = "float32"  # compute dtype of the merge
 
     @property
     def name(self) -> str:

@@ -366,12 +366,18 @@ def merge_and_score(
     tasks: Sequence[str],
     held_out: Sequence[str],
     validation: bool,
+    dtype: str = "float32",
 ) -> tuple[Scores, float]:
     """Merge the experts of ``tasks`` and score the result; (scores, merge seconds)."""
     full = merge_params(ctx, method, params, tasks)
     t0 = time.perf_counter()
     merged = merge_state_dicts(
-        ctx.encoder.base_state, [ctx.experts[t].body for t in tasks], method, full, seed=ctx.seed
+        ctx.encoder.base_state,
+        [ctx.experts[t].body for t in tasks],
+        method,
+        full,
+        seed=ctx.seed,
+        compute_dtype=getattr(torch, dtype),
     )
     seconds = time.perf_counter() - t0
     if isinstance(merged, EMRResult):
@@ -427,6 +433,7 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
             tasks=ctx.held_in,
             held_out=ctx.held_out,
             validation=bool(entry.grid),
+            dtype=entry.dtype,
         )
         row = summarise(ctx, scores, reference)
         row.update(method=entry.method, params=point, merge_seconds=merge_s)
@@ -487,7 +494,13 @@ def run_sweep(ctx: SeedContext, rows: Mapping[str, Any]) -> dict[str, Any]:
     for entry, k, subset in bar:
         bar.set_postfix_str(f"{entry.name} k={k}")
         scores, _ = merge_and_score(
-            ctx, entry.method, grid_points(entry)[0], tasks=subset, held_out=(), validation=False
+            ctx,
+            entry.method,
+            grid_points(entry)[0],
+            tasks=subset,
+            held_out=(),
+            validation=False,
+            dtype=entry.dtype,
         )
         norm = _mean([_ratio(scores.test[t], ctx.expert_test[t]) for t in subset])
         out.setdefault(entry.name, {}).setdefault(str(k), []).append(

@@ -28,8 +28,9 @@ for the whole adapter; none fitting is an error naming the first unmatched tenso
 ``lm_head.weight`` missing from a base with tied embeddings is read from the embedding
 (see ``sources.tied_weights``).
 
-Arithmetic runs in float32 (float64 for float64 weights), the result is cast once to the base
-dtype (PEFT adds a bf16/fp16-cast delta in the low precision, so bf16 results may differ from
+Arithmetic runs in float32 (float64 for float64 weights); LoRA products are computed per aligned
+block of BLOCK_ROWS rows, so a row range equals the same rows of a whole read bit for bit; the
+result is cast once to the base dtype (PEFT adds a bf16/fp16-cast delta in the low precision, so bf16 results may differ from
 PEFT's by one rounding). Refused with a clear error: other adapter types (LoHa, LoKr, AdaLoRA,
 prompt tuning, ...), conv LoRA/IA3, DoRA on embeddings, LoRA options that change the model
 beyond a weight delta (layer_replication, target_parameters, trainable_token_indices, aLoRA,
@@ -71,7 +72,7 @@ _REFUSED_OPTIONS = (
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "eva")
 _OTHER_ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_", "trainable_tokens")
 
-BLOCK_ROWS = 128  # LoRA products are computed per aligned block of this many rows (see _lora_delta)
+BLOCK_ROWS = 512  # LoRA products are computed per aligned block of this many rows (see _lora_delta)
 
 Layout = Literal["out_in", "in_out"]  # how W stores (out, in) or (in, out)
 
@@ -480,7 +481,7 @@ class PeftSource:
                 whole = self._apply(plan, name, self._full(plan, name).to(cd), None, cd)
                 return whole[rows[0] : rows[1]]
             start, stop = (0, w.shape[0]) if rows is None else rows
-            merged = w + self._lora_delta(t, start, stop, cd)
+            merged = self._lora_delta(t, start, stop, cd).add_(w)  # = w + delta (addition commutes)
             if t.magnitude is None:
                 return merged
             m = ad.read(t.magnitude).to(cd)
@@ -518,7 +519,7 @@ class PeftSource:
             # out_in: rows of B @ A; in_out: columns of B @ A, i.e. rows of its transpose
             block = _fresh(ad.read(t.b, (bs, be)), cd) @ a if b is None else (b @ _fresh(a[:, bs:be], cd)).T
             lo, hi = max(bs, start), min(be, stop)
-            out[lo - start : hi - start] = block[lo - bs : hi - bs] * t.scaling
+            torch.mul(block[lo - bs : hi - bs], t.scaling, out=out[lo - start : hi - start])
         return out
 
     def close(self) -> None:
