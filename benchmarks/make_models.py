@@ -18,7 +18,7 @@ same spec always gives the same bytes):
       L_e  expert low-rank part:                      A_e B_e,  rank 8,  entries ~ scale
       P_e  sparse spikes: 0.5 % of the entries at random positions, +-5 * scale
       N_e  dense noise ~ N(0, (0.2 * scale)^2)
-    1-D (norms):    0.5 * scale * (z_shared + z_e)
+    1-D (norms):    8 * scale * (z_shared + z_e)     (norms sit near 1, where a bf16 ulp is 2^-7)
 
 with ``scale = 1e-3`` (base weights ~ N(0, 0.02^2), norms ~ 1 + N(0, 0.02^2)). Experts are rounded
 to the checkpoint dtype from base (already rounded) + task vector, so their deltas are exact
@@ -46,8 +46,9 @@ BASE_STD = 0.02
 DELTA_SCALE = 1e-3
 SHARED_RANK = 4
 EXPERT_RANK = 8
+NORM_DELTA_SCALE = 8 * DELTA_SCALE
 SPIKE_FRACTION = 0.005
-FORMAT_VERSION = 1  # bump when the generated values change
+FORMAT_VERSION = 2  # bump when the generated values change
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def task_vector(name: str, shape: tuple[int, ...], seed: int, expert: int) -> to
     ge = _gen(seed, name, "expert", expert)
     if len(shape) == 1:
         z = torch.randn(shape, generator=gs).add_(torch.randn(shape, generator=ge))
-        return z.mul_(0.5 * DELTA_SCALE)
+        return z.mul_(NORM_DELTA_SCALE)
     d = _low_rank(shape, SHARED_RANK, gs, 0.5 * DELTA_SCALE)
     d.add_(_low_rank(shape, EXPERT_RANK, ge, DELTA_SCALE))
     d.add_(torch.randn(shape, generator=ge), alpha=0.2 * DELTA_SCALE)

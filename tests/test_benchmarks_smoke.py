@@ -63,9 +63,13 @@ def test_task_vectors_are_structured(tiny_models: Path) -> None:
     d2 = e2[name].float() - base[name].float()
     assert 2e-4 < d1.abs().mean() < 5e-3
     assert not torch.equal(d1, d2)
-    agree = (torch.sign(d1) == torch.sign(d2)).float().mean()
-    assert 0.55 < agree < 0.95  # shared part: more agreement than chance, not identical
+    cos = torch.nn.functional.cosine_similarity(d1.flatten(), d2.flatten(), dim=0)
+    assert 0.05 < cos < 0.6  # the shared part: correlated, far from identical
     assert d1.abs().max() > 4e-3  # spikes
+    assert (d1 == 0).float().mean() < 0.1  # deltas survive bf16 rounding
+    norm = "model.layers.0.input_layernorm.weight"
+    dn = e1[norm].float() - base[norm].float()
+    assert (dn != 0).float().mean() > 0.5  # norms change too (their bf16 ulp is 2^-7)
 
 
 def test_generation_is_cached_and_deterministic(tiny_models: Path, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def peak_rss_of(cmd: list[str]) -> int:
 
 @pytest.mark.slow
 def test_peak_rss_is_independent_of_model_size(tmp_path: Path) -> None:
-    """Same largest tensor, 1 layer vs 24 layers (~25x more data): the peak RSS of the big merge
+    """Same largest tensor, 1 layer vs 24 layers (~17x more data): the peak RSS of the big merge
     stays within (n + 4) x the largest tensor in float32 of the small one's, far below its size."""
     n = 3
     kw = dict(
@@ -64,7 +64,7 @@ def test_peak_rss_is_independent_of_model_size(tmp_path: Path) -> None:
         sizes[label] = sum(f.stat().st_size for d in [base, *models] for f in d.iterdir())
     largest = 1024 * 512 * 4  # float32 bytes of the largest tensor (embeddings, MLP)
     contract = peaks["small"] + (n + 4) * largest + 48 * 2**20  # + allocator slack
-    assert sizes["big"] > 20 * sizes["small"]
+    assert sizes["big"] > 15 * sizes["small"]
     assert peaks["big"] <= contract, (peaks, sizes)
 
 

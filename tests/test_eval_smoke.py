@@ -21,13 +21,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from weightmerge import merge_state_dicts  # noqa: E402
-from weightmerge.api import EMRResult  # noqa: E402
-from weightmerge.cli import main  # noqa: E402
-from weightmerge.eval.config import parse_config  # noqa: E402
-from weightmerge.eval.model import load_encoder  # noqa: E402
-from weightmerge.eval.runner import merge_and_score, prepare_seed, reference_rows  # noqa: E402
-from weightmerge.eval.tasks import make_task, register_task  # noqa: E402
+from weightmerge import merge_state_dicts
+from weightmerge.api import EMRResult
+from weightmerge.cli import main
+from weightmerge.eval.config import parse_config
+from weightmerge.eval.model import load_encoder
+from weightmerge.eval.runner import merge_and_score, prepare_seed, reference_rows
+from weightmerge.eval.tasks import make_task, register_task
 
 SIZES = {"n_train": 48, "n_val": 24, "n_test": 32}
 
@@ -60,8 +60,12 @@ def _builder(name: str, pools: dict[str, str], head: str | None = None, n_words:
 
 
 register_task("smoke_letters", _builder("smoke_letters", {"abc": "abc", "xyz": "xyz"}), replace=True)
-register_task("smoke_digits", _builder("smoke_digits", {"low": "0123", "high": "6789", "mix": "05a9"}), replace=True)
-register_task("smoke_vowels", _builder("smoke_vowels", {"vowel": "aeiou", "consonant": "bdfgk"}), replace=True)
+register_task(
+    "smoke_digits", _builder("smoke_digits", {"low": "0123", "high": "6789", "mix": "05a9"}), replace=True
+)
+register_task(
+    "smoke_vowels", _builder("smoke_vowels", {"vowel": "aeiou", "consonant": "bdfgk"}), replace=True
+)
 register_task(
     "smoke_letters_long",
     _builder("smoke_letters_long", {"abc": "abc", "xyz": "xyz"}, head="smoke_letters", n_words=(7, 10)),
@@ -219,7 +223,12 @@ def test_identical_experts_merge_to_the_expert(ctx, method: str, params: dict, d
 
         full = merge_params(ctx, method, params, ["smoke_letters", "smoke_digits"])
         merged = merge_state_dicts(
-            ctx.encoder.base_state, [a.body, a.body], method, full, seed=0, compute_dtype=getattr(torch, dtype)
+            ctx.encoder.base_state,
+            [a.body, a.body],
+            method,
+            full,
+            seed=0,
+            compute_dtype=getattr(torch, dtype),
         )
         if isinstance(merged, EMRResult):
             assert _max_diff(merged.task_state_dict(0), a.body) < 1e-6
@@ -227,7 +236,13 @@ def test_identical_experts_merge_to_the_expert(ctx, method: str, params: dict, d
         else:
             assert _max_diff(merged, a.body) < 1e-6
         scores, _ = merge_and_score(
-            ctx, method, params, tasks=["smoke_letters", "smoke_digits"], held_out=[], validation=True, dtype=dtype
+            ctx,
+            method,
+            params,
+            tasks=["smoke_letters", "smoke_digits"],
+            held_out=[],
+            validation=True,
+            dtype=dtype,
         )
     finally:
         ctx.experts["smoke_digits"] = saved

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from weightmerge.eval import cache as cache_lib  # noqa: E402
-from weightmerge.eval.config import EvalConfigError, builtin_config, grid_points, parse_config  # noqa: E402
-from weightmerge.eval.evaluate import (  # noqa: E402
+from weightmerge.eval import cache as cache_lib
+from weightmerge.eval.config import EvalConfigError, builtin_config, grid_points, parse_config
+from weightmerge.eval.evaluate import (
     accuracy,
     few_shot_index,
     fit_probe,
@@ -21,7 +21,7 @@ from weightmerge.eval.evaluate import (  # noqa: E402
     head_predictions,
     pooled_features,
 )
-from weightmerge.eval.model import (  # noqa: E402
+from weightmerge.eval.model import (
     Classifier,
     collate,
     encode,
@@ -29,10 +29,10 @@ from weightmerge.eval.model import (  # noqa: E402
     load_encoder,
     mean_pool,
 )
-from weightmerge.eval.report import aggregate, stat  # noqa: E402
-from weightmerge.eval.runner import _subsets  # noqa: E402
-from weightmerge.eval.stats import fisher_diagonal, gram_matrices  # noqa: E402
-from weightmerge.eval.train import TrainSettings, _eval_steps, _linear_schedule, expert_key, fine_tune  # noqa: E402
+from weightmerge.eval.report import aggregate, stat
+from weightmerge.eval.runner import _subsets
+from weightmerge.eval.stats import fisher_diagonal, gram_matrices
+from weightmerge.eval.train import TrainSettings, _eval_steps, _linear_schedule, expert_key, fine_tune
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,15 @@ def test_gram_matrices_against_direct_computation(encoder) -> None:
     # reference: the query projection's input is the embeddings' output; real tokens of 5 examples
     rows = []
     for i in range(5):
-        ids, mask, _ = collate(enc, [i])
+        ids, _, _ = collate(enc, [i])
         with torch.no_grad():
             x = body.embeddings(input_ids=ids)[0].double()  # (seq, d), no padding in a batch of 1
         rows.append(x)
     x = torch.cat(rows)
     ref = x.T @ x / x.shape[0]
-    torch.testing.assert_close(grams["encoder.layer.0.attention.self.query"].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grams["encoder.layer.0.attention.self.query"].double(), ref, atol=1e-5, rtol=1e-5
+    )
 
 
 def _objective(model: Classifier, ids, mask, p_fixed: torch.Tensor) -> torch.Tensor:
@@ -168,16 +170,20 @@ def test_fisher_matches_finite_differences(encoder) -> None:
     enc = encode(encoder.tokenizer, EXAMPLES[:4], max_length=64)
     body = encoder.new_body()
     head = head_from_state(
-        {"weight": torch.randn((2, encoder.hidden_size), generator=torch.Generator().manual_seed(3)),
-         "bias": torch.tensor([0.1, -0.2])}
+        {
+            "weight": torch.randn((2, encoder.hidden_size), generator=torch.Generator().manual_seed(3)),
+            "bias": torch.tensor([0.1, -0.2]),
+        }
     )
     model = Classifier(body, head)
     fisher = fisher_diagonal(model, enc, examples=4, batch_size=2)
     assert set(fisher) == {k for k, _ in body.named_parameters()}
     # literal reference for two elements: per batch, the derivative of sum_x sum_c sqrt(p_c) log p_c
     # (p held at the unperturbed point) by central differences in float64, squared, summed, / 4
-    model64 = Classifier(encoder.new_body(), head_from_state(
-        {"weight": head.weight.detach().double(), "bias": head.bias.detach().double()}))
+    model64 = Classifier(
+        encoder.new_body(),
+        head_from_state({"weight": head.weight.detach().double(), "bias": head.bias.detach().double()}),
+    )
     model64.double().eval()
     params = dict(model64.body.named_parameters())
     for name, index in (("embeddings.LayerNorm.bias", (3,)), ("encoder.layer.1.output.dense.weight", (2, 5))):
@@ -234,7 +240,9 @@ def test_expert_key_depends_on_everything() -> None:
     assert k == expert_key(task_fingerprint="t", model_fingerprint="m", settings=TrainSettings(), seed=0)
     assert k != expert_key(task_fingerprint="t2", model_fingerprint="m", settings=s, seed=0)
     assert k != expert_key(task_fingerprint="t", model_fingerprint="m2", settings=s, seed=0)
-    assert k != expert_key(task_fingerprint="t", model_fingerprint="m", settings=TrainSettings(lr=1e-4), seed=0)
+    assert k != expert_key(
+        task_fingerprint="t", model_fingerprint="m", settings=TrainSettings(lr=1e-4), seed=0
+    )
     assert k != expert_key(task_fingerprint="t", model_fingerprint="m", settings=s, seed=1)
     with pytest.raises(ValueError, match="epochs"):
         TrainSettings(epochs=0)
@@ -259,7 +267,15 @@ def _cfg(**over):
 
 def test_config_defaults_and_grid_points() -> None:
     cfg = parse_config(
-        _cfg(methods=[{"method": "ties", "params": {"density": 0.2}, "grid": {"density": [0.2, 0.5], "lambda": [1.0, 0.5]}}])
+        _cfg(
+            methods=[
+                {
+                    "method": "ties",
+                    "params": {"density": 0.2},
+                    "grid": {"density": [0.2, 0.5], "lambda": [1.0, 0.5]},
+                }
+            ]
+        )
     )
     assert cfg.seeds == [0] and cfg.sizes.train == 600 and cfg.training.max_length == 64
     pts = grid_points(cfg.methods[0])
@@ -326,7 +342,10 @@ def test_aggregate_two_seeds() -> None:
             "rows": {"individual": row, "task_arithmetic": row, "base": row},
             "sweep": {"task_arithmetic": {"1": [{"normalized_avg": a}, {"normalized_avg": a + 0.1}]}},
             "held_out_references": {},
-            "experts": {t: {"val_accuracy": 1, "test_accuracy": 1, "train_seconds": 2, "cached": False} for t in ("t1", "t2")},
+            "experts": {
+                t: {"val_accuracy": 1, "test_accuracy": 1, "train_seconds": 2, "cached": False}
+                for t in ("t1", "t2")
+            },
         }
 
     summ = aggregate(cfg, [seed_result(0.4), seed_result(0.6)])

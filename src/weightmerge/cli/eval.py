@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="where report.json, report.md and the plots go")
     p.add_argument(
-        "--cache-dir", help="cache of experts and statistics (default ~/.cache/weightmerge or $WEIGHTMERGE_CACHE)"
+        "--cache-dir",
+        help="cache of experts and statistics (default ~/.cache/weightmerge or $WEIGHTMERGE_CACHE)",
     )
     p.add_argument("--seeds", help="comma-separated seeds, overriding the config's")
     p.add_argument("--threads", type=int, help="torch threads (default: the config's, 2)")

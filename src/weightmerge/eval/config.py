@@ -176,7 +176,7 @@ def _check_method(entry: MethodEntry, index: int, n_models: int, smallest: int) 
                 f"{where}: parameter {key!r} of {entry.method!r} is computed by the harness from each "
                 "task's training data; remove it"
             )
-    placeholders = {k: [{} for _ in range(n_models)] for k in stats}
+    placeholders: dict[str, list[dict[str, Any]]] = {k: [{} for _ in range(n_models)] for k in stats}
     for point in grid_points(entry):
         try:
             resolved = resolve_params(spec, {**point, **placeholders}, n_models)

@@ -401,7 +401,7 @@ def _subsets(tasks: Sequence[str], k: int, count: int, seed: int) -> list[list[s
     """``count`` distinct seeded subsets of size k (fewer when fewer exist), in task order."""
     rng = random.Random(derive_seed(seed, "subsets", k))
     found: list[list[str]] = []
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[int, ...]] = set()
     for _ in range(50 * count):
         if len(found) == count:
             break

@@ -31,7 +31,6 @@ from weightmerge.eval import cache
 from weightmerge.eval.evaluate import head_accuracy, labels_of, pooled_features
 from weightmerge.eval.model import Classifier, Encoded, Encoder, body_state, collate, new_head
 
-
 # Bump when the training code changes in a way that changes the weights (part of every expert key).
 RECIPE_VERSION = 1
 

@@ -30,12 +30,13 @@ for the whole adapter; none fitting is an error naming the first unmatched tenso
 
 Arithmetic runs in float32 (float64 for float64 weights); LoRA products are computed per aligned
 block of BLOCK_ROWS rows, so a row range equals the same rows of a whole read bit for bit; the
-result is cast once to the base dtype (PEFT adds a bf16/fp16-cast delta in the low precision, so bf16 results may differ from
-PEFT's by one rounding). Refused with a clear error: other adapter types (LoHa, LoKr, AdaLoRA,
-prompt tuning, ...), conv LoRA/IA3, DoRA on embeddings, LoRA options that change the model
-beyond a weight delta (layer_replication, target_parameters, trainable_token_indices, aLoRA,
-QALoRA, ...) and adapters whose initialisation changed the base weights (PiSSA, OLoRA, CorDA,
-LoftQ, LoRA-GA: convert them with PEFT's ``path_initial_model_for_weight_conversion`` first).
+result is cast once to the base dtype (PEFT adds a bf16/fp16-cast delta in the low precision, so
+bf16 results may differ from PEFT's by one rounding). Refused with a clear error: other adapter
+types (LoHa, LoKr, AdaLoRA, prompt tuning, ...), conv LoRA/IA3, DoRA on embeddings, LoRA options
+that change the model beyond a weight delta (layer_replication, target_parameters,
+trainable_token_indices, aLoRA, QALoRA, ...) and adapters whose initialisation changed the base
+weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: convert them with PEFT's
+``path_initial_model_for_weight_conversion`` first).
 """
 
 from __future__ import annotations
