@@ -167,7 +167,7 @@ def dare_stats(
     """
     tot = {"changed_ours": 0, "changed_ref": 0, "l1_ours": 0.0, "l1_ref": 0.0, "numel": 0}
     worst = {"changed_rel": 0.0, "l1_rel": 0.0}
-    for name in ours.keys():
+    for name in ours:
         b = base[name].to(torch.float32)
         if b.numel() < min_numel:
             continue

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 LAYOUTS = ("single", "sharded", "bin", "sharded_bin")
 
 
-def tiny_llama_config(**overrides: object):  # noqa: ANN201
+def tiny_llama_config(**overrides: object):
     from transformers import LlamaConfig
 
     kw: dict[str, object] = dict(
@@ -32,7 +32,7 @@ def tiny_llama_config(**overrides: object):  # noqa: ANN201
     return config
 
 
-def base_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def base_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -71,7 +71,7 @@ def save_checkpoint(
     layout: str,
     config=None,
     *,
-    n_shards: int = 3,  # noqa: ANN001
+    n_shards: int = 3,
 ) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -128,7 +128,7 @@ def make_family(
     return base_dir, dirs, base, experts
 
 
-def llama_shapes(config) -> dict[str, tuple[int, ...]]:  # noqa: ANN001
+def llama_shapes(config) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a LlamaForCausalLM checkpoint, from its config (no model built)."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)

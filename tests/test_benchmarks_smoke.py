@@ -41,8 +41,8 @@ def test_generated_checkpoint_is_a_transformers_llama(tiny_models: Path) -> None
         with torch.device("meta"):
             ref = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
         ckpt = bench_compare.CheckpointDir(d)
-        assert {k: tuple(ckpt[k].shape) for k in ckpt.keys()} == ref
-        assert {ckpt[k].dtype for k in ckpt.keys()} == {torch.bfloat16}
+        assert {k: tuple(ckpt[k].shape) for k in ckpt} == ref
+        assert {ckpt[k].dtype for k in ckpt} == {torch.bfloat16}
         index = json.loads((d / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1  # 200 kB shards: really sharded
 

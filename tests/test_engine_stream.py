@@ -43,7 +43,7 @@ def load_output(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def run_case(tmp: Path, method: str, params: dict, layouts, dtype=torch.float32, **opts) -> tuple:  # noqa: ANN001
+def run_case(tmp: Path, method: str, params: dict, layouts, dtype=torch.float32, **opts) -> tuple:
     base_dir, dirs, base, experts = make_family(tmp / "in", N, layouts=layouts, dtype=dtype)
     cfg = load_config(
         {
