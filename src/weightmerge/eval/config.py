@@ -70,6 +70,7 @@ class Training(_Doc):
     evals_per_epoch: int = Field(default=2, ge=1)
     patience: int = Field(default=2, ge=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    bucket: int = Field(default=8, ge=1)
 
 
 class Stats(_Doc):

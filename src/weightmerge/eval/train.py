@@ -5,7 +5,7 @@ Recipe (``TrainSettings``): AdamW (no weight decay by default, so token embeddin
 training keep exactly their base values and the task vector is 0 there), separate learning rates
 for the body and the freshly initialised head, linear warm-up then linear decay, gradient norm
 clipped to 1, examples truncated to ``max_length`` tokens and padded per batch. The data order is a
-seeded permutation per epoch; dropout draws come from the seeded global generator inside a forked
+seeded permutation per epoch, bucketed by length (``epoch_batches``); dropout draws come from the seeded global generator inside a forked
 RNG state, so the same seed gives the same expert bit for bit on the same machine and library
 versions. Validation accuracy is measured ``evals_per_epoch`` times per epoch; the weights with
 the best validation accuracy (earliest on ties) are kept, and training stops after ``patience``
@@ -47,9 +47,10 @@ class TrainSettings:
     evals_per_epoch: int = 2
     patience: int = 2
     max_grad_norm: float = 1.0
+    bucket: int = 8  # batches are cut from length-sorted windows of bucket x batch_size examples
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "evals_per_epoch", "patience"):
+        for name in ("epochs", "batch_size", "max_length", "evals_per_epoch", "patience", "bucket"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "head_lr", "max_grad_norm"):
@@ -99,6 +100,22 @@ def expert_key(*, task_fingerprint: str, model_fingerprint: str, settings: Train
 def expert_dir(cache_dir: Path, task: str, key: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
     return Path(cache_dir) / "experts" / f"{safe}-{key[:20]}"
+
+
+def epoch_batches(
+    lengths: list[int], *, batch_size: int, bucket: int, generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches: a seeded permutation cut into windows of ``bucket * batch_size``
+    examples, each window sorted by length (stable) and cut into batches, then the batches
+    shuffled. Similar lengths share a batch (less padding) while the order stays random."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * bucket
+    batches: list[list[int]] = []
+    for s in range(0, len(perm), window):
+        part = sorted(perm[s : s + window], key=lambda i: lengths[i])
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+    order = torch.randperm(len(batches), generator=generator).tolist() if bucket > 1 else range(len(batches))
+    return [batches[i] for i in order]
 
 
 def _linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -155,6 +172,7 @@ def fine_tune(
         eval_at = _eval_steps(steps_per_epoch, settings.epochs, settings.evals_per_epoch)
         val_labels = labels_of(validation)
         order_gen = torch.Generator().manual_seed(seed)
+        lengths = [len(x) for x in train.ids]
         best_acc = -1.0
         best_body: dict[str, torch.Tensor] = {}
         best_head: dict[str, torch.Tensor] = {}
@@ -164,10 +182,9 @@ def fine_tune(
         bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
         stop = False
         for _epoch in range(settings.epochs):
-            perm = torch.randperm(len(train), generator=order_gen).tolist()
-            for s in range(0, len(perm), settings.batch_size):
+            for batch in epoch_batches(lengths, batch_size=settings.batch_size, bucket=settings.bucket, generator=order_gen):
                 model.train()
-                ids, mask, labels = collate(train, perm[s : s + settings.batch_size])
+                ids, mask, labels = collate(train, batch)
                 loss = nn.functional.cross_entropy(model(ids, mask), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
