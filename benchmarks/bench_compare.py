@@ -238,3 +238,30 @@ def reference_check(
     res = compare(CheckpointDir(out_dir), result)
     res.setdefault("ok", res.get("n_diff", 1) == 0)
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points taking directories (the benchmark runs them in a child process, so its own
+# memory stays small: a big parent would also inflate the peak RSS its children report)
+
+
+def compare_dirs(
+    ours_dir: str,
+    ref_dir: str,
+    *,
+    base_dir: str | None = None,
+    expert_dirs: Sequence[str] = (),
+    tie_density: float | None = None,
+) -> dict[str, Any]:
+    """Compare two output directories; with ``tie_density``, also explain differences by ties."""
+    hook = None
+    if tie_density is not None:
+        assert base_dir is not None
+        hook = tie_explained(
+            CheckpointDir(base_dir), [CheckpointDir(d) for d in expert_dirs], density=tie_density
+        )
+    return compare(CheckpointDir(ours_dir), CheckpointDir(ref_dir), per_tensor=hook)
+
+
+def dare_stats_dirs(ours_dir: str, ref_dir: str, base_dir: str) -> dict[str, Any]:
+    return dare_stats(CheckpointDir(ours_dir), CheckpointDir(ref_dir), CheckpointDir(base_dir))

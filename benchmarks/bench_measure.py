@@ -1,16 +1,20 @@
 """Measuring whole processes (wall clock, CPU time, peak RSS) and describing the machine.
 
-Peak RSS is the kernel's ``ru_maxrss`` of the one child, from ``os.wait4`` (exact: the high-water
-mark of resident pages, anonymous and file-backed, e.g. memory-mapped inputs). A sampler thread
-also polls ``/proc/PID/status`` every 20 ms for the split into anonymous and file-backed pages
+Peak RSS is the kernel's ``ru_maxrss`` of the command, from ``os.wait4`` in a small launcher
+process (exact: the high-water mark of resident pages, anonymous and file-backed, e.g.
+memory-mapped inputs; see ``_LAUNCHER`` for why a launcher). A sampler thread also polls
+``/proc/PID/status`` every 20 ms for the split into anonymous and file-backed pages
 (approximate: a peak shorter than the interval can be missed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -51,72 +55,105 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _drain(stream: Any, key: str, into: dict[str, bytes]) -> None:
+    into[key] = stream.read() if stream is not None else b""
+
+
+# The measured command runs under this small launcher: Linux carries a process's peak RSS across
+# fork + exec (the forking process's high-water mark is recorded at exec), so a command forked
+# from a big parent (this benchmark, after a comparison) would report at least the parent's peak.
+# The launcher is a fresh, small interpreter; its child's ru_maxrss is the command's own.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[2:])
+_, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+rep = dict(pid=p.pid, rc=os.waitstatus_to_exitcode(status), wall_s=wall,
+           cpu_s=ru.ru_utime + ru.ru_stime, maxrss_kib=ru.ru_maxrss)
+with open(sys.argv[1], "w") as f:
+    json.dump(rep, f)
+sys.exit(0)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 class _Sampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
+    """Polls the launcher's child (the measured command) for RssAnon / RssFile."""
+
+    def __init__(self, launcher_pid: int) -> None:
         super().__init__(daemon=True)
-        self.pid = pid
+        self.launcher_pid = launcher_pid
         self.stop = threading.Event()
         self.peak = {"RssAnon": 0, "RssFile": 0}
 
     def run(self) -> None:
         while not self.stop.is_set():
-            s = _status_kb(self.pid)
-            for k in self.peak:
-                self.peak[k] = max(self.peak[k], s.get(k, 0))
+            for pid in _children(self.launcher_pid):
+                s = _status_kb(pid)
+                for k in self.peak:
+                    self.peak[k] = max(self.peak[k], s.get(k, 0))
             self.stop.wait(POLL_S)
-
-
-def _drain(stream: Any, key: str, into: dict[str, bytes]) -> None:
-    into[key] = stream.read() if stream is not None else b""
 
 
 def run_measured(
     cmd: Sequence[str], *, env: Mapping[str, str] | None = None, timeout_s: float | None = None
 ) -> RunResult:
     """Run ``cmd`` in a fresh process; wall time from spawn to exit, its own rusage."""
+    import tempfile
+
     load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        list(cmd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(env) if env is not None else None,
-    )
-    sampler = _Sampler(proc.pid)
-    sampler.start()
-    captured: dict[str, bytes] = {}
-    readers = [
-        threading.Thread(target=_drain, args=(stream, key, captured))
-        for stream, key in ((proc.stdout, "out"), (proc.stderr, "err"))
-    ]
-    for r in readers:
-        r.start()
-    deadline = None if timeout_s is None else t0 + timeout_s
-    status, usage = 0, None
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            proc.kill()
-            _pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.005)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it: tell Popen
-    sampler.stop.set()
-    sampler.join()
-    for r in readers:
-        r.join()
+    fd, report = tempfile.mkstemp(prefix="wm-bench-", suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _LAUNCHER, report, *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+        sampler = _Sampler(proc.pid)
+        sampler.start()
+        captured: dict[str, bytes] = {}
+        readers = [
+            threading.Thread(target=_drain, args=(stream, key, captured))
+            for stream, key in ((proc.stdout, "out"), (proc.stderr, "err"))
+        ]
+        for r in readers:
+            r.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        sampler.stop.set()
+        sampler.join()
+        for r in readers:
+            r.join()
+        try:
+            with open(report) as f:
+                rep = json.load(f)
+        except (OSError, ValueError):
+            rep = {"rc": -9 if proc.returncode == 0 else proc.returncode, "wall_s": 0.0, "cpu_s": 0.0}
+            rep["maxrss_kib"] = 0
+    finally:
+        os.unlink(report)
     out = captured.get("out", b"").decode(errors="replace")
     err = captured.get("err", b"").decode(errors="replace")
-    assert usage is not None
     return RunResult(
         cmd=list(cmd),
-        rc=proc.returncode,
-        wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        maxrss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
+        rc=int(rep["rc"]),
+        wall_s=float(rep["wall_s"]),
+        cpu_s=float(rep["cpu_s"]),
+        maxrss_bytes=int(rep["maxrss_kib"]) * 1024,  # Linux reports KiB
         peak_anon_bytes=sampler.peak["RssAnon"] * 1024,
         peak_file_bytes=sampler.peak["RssFile"] * 1024,
         load_before=load_before,

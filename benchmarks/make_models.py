@@ -270,11 +270,11 @@ def make_models(spec: Spec, root: Path, *, quiet: bool = False) -> Path:
     spec_path = out / "spec.json"
     want = {**asdict(spec), "params": param_count(spec.shape)}
     names = ["base"] + [f"expert_{e}" for e in range(1, spec.experts + 1)]
-    if spec_path.exists() and json.loads(spec_path.read_text()) == want:
-        if all((out / n / "model.safetensors.index.json").exists() for n in names):
-            if not quiet:
-                print(f"cached: {out}", file=sys.stderr)
-            return out
+    cached = spec_path.exists() and json.loads(spec_path.read_text()) == want
+    if cached and all((out / n / "model.safetensors.index.json").exists() for n in names):
+        if not quiet:
+            print(f"cached: {out}", file=sys.stderr)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     if spec_path.exists():
         spec_path.unlink()

@@ -32,7 +32,14 @@ from weightmerge.eval.model import (
 from weightmerge.eval.report import aggregate, stat
 from weightmerge.eval.runner import _subsets
 from weightmerge.eval.stats import fisher_diagonal, gram_matrices
-from weightmerge.eval.train import TrainSettings, _eval_steps, _linear_schedule, expert_key, fine_tune
+from weightmerge.eval.train import (
+    TrainSettings,
+    _eval_steps,
+    _linear_schedule,
+    epoch_batches,
+    expert_key,
+    fine_tune,
+)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +219,25 @@ def test_schedule_and_eval_points() -> None:
     assert [round(f(s), 6) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     assert _eval_steps(10, 2, 2) == {5: 0.5, 10: 1.0, 15: 1.5, 20: 2.0}
     assert _eval_steps(3, 1, 2) == {2: 2 / 3, 3: 1.0}
+
+
+def test_epoch_batches_cover_every_example_once_with_less_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(3, 60, (100,), generator=g)]
+    batches = epoch_batches(lengths, batch_size=8, bucket=4, generator=torch.Generator().manual_seed(1))
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(100)) and len(batches) == math.ceil(100 / 8)
+    assert sorted(len(b) for b in batches) == [4] + [8] * 12  # windows of 32, 32, 32 and 4
+    again = epoch_batches(lengths, batch_size=8, bucket=4, generator=torch.Generator().manual_seed(1))
+    assert batches == again
+    plain = epoch_batches(lengths, batch_size=8, bucket=1, generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(1)).tolist()
+    assert [sorted(b) for b in plain] == [sorted(perm[s : s + 8]) for s in range(0, 100, 8)]
+
+    def padding(bs: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
+    assert padding(batches) < padding(plain)
 
 
 def test_fine_tune_is_seeded_and_keeps_the_best(encoder) -> None:

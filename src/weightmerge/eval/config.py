@@ -8,7 +8,7 @@ Example (the full schema; every key but ``tasks`` and ``methods`` has a default)
     held_out: [vader_words]        # scored, never merged (see docs/evaluation.md)
     seeds: [0, 1, 2]               # each seed: new data splits, new experts
     sizes: {train: 600, validation: 200, test: 400}
-    training: {epochs: 2, batch_size: 16, lr: 5.0e-5, head_lr: 2.0e-3, max_length: 64}
+    training: {epochs: 2, batch_size: 16, lr: 1.0e-4, head_lr: 2.0e-3, max_length: 64}
     stats: {fisher_examples: 256, gram_examples: 600, batch_size: 16}
     few_shot: 16                   # examples per class of the probe for held-out tasks without a head
     n_experts: [2, 4]              # also merge seeded random subsets of this many experts
@@ -62,7 +62,7 @@ class Sizes(_Doc):
 class Training(_Doc):
     epochs: int = Field(default=2, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=5e-5, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
     head_lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

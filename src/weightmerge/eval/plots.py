@@ -1,7 +1,8 @@
 """PNG plots of a report (matplotlib, no display needed: figures are rendered with the Agg canvas).
 
 * ``normalized_held_in.png``: bar chart of the normalised held-in score per method (mean ± std);
-* ``per_task_radar.png``: per-task test accuracy of the main methods on a radar chart (PCB paper);
+* ``per_task_radar.png``: per-task test accuracy / expert accuracy of each method on a radar chart
+  (the PCB paper's per-task radar, every axis scaled to its expert);
 * ``experts_sweep.png``: normalised held-in score vs number of experts merged;
 * ``held_out_vs_held_in.png``: normalised held-out vs normalised held-in score per method.
 """
@@ -59,30 +60,41 @@ def plot_normalized_bar(summary: Mapping[str, Any], path: Path, *, title: str) -
     fig.savefig(path)
 
 
-def _radar_rows(summary: Mapping[str, Any], limit: int = 8) -> list[str]:
-    labels = [lb for lb in summary["order"] if not lb.endswith("(tuned)")]
+def _radar_rows(summary: Mapping[str, Any], limit: int = 9) -> list[str]:
+    labels = [lb for lb in summary["order"] if not lb.endswith("(tuned)") and lb != "base"]
     return labels[:limit]
 
 
 def plot_radar(summary: Mapping[str, Any], tasks: Sequence[str], path: Path, *, title: str) -> None:
+    """Per-task accuracy divided by the expert's (each axis scaled to its expert, as the PCB paper's
+    radar charts scale each task's axis), so differences between methods stay visible."""
+    from matplotlib.figure import Figure
+
     labels = _radar_rows(summary)
     n = len(tasks)
     angles = [2 * math.pi * i / n for i in range(n)]
-    fig = _figure(7.0, 6.2)
+    series = {}
+    for lb in labels:
+        per = summary["rows"][lb].get("normalized") or {}
+        series[lb] = [per[t]["mean"] if per.get(t) else float("nan") for t in tasks]
+    finite = [v for vals in series.values() for v in vals if v == v]
+    lo = max(0.0, math.floor((min(finite, default=0.0) - 0.05) * 10) / 10)
+    fig = Figure(figsize=(9.0, 6.6), dpi=110)
+    fig.subplots_adjust(left=0.16, right=0.68, top=0.84, bottom=0.1)
     ax = fig.add_subplot(projection="polar")
     for i, lb in enumerate(labels):
-        per = summary["rows"][lb]["held_in"]
-        vals = [per[t]["mean"] if per.get(t) else 0.0 for t in tasks]
-        color = "#444444" if lb == "individual" else "#bbbbbb" if lb == "base" else COLORS[i % len(COLORS)]
-        style = "--" if lb in ("individual", "base") else "-"
-        ax.plot([*angles, angles[0]], [*vals, vals[0]], style, color=color, lw=1.6, label=lb)
-        if lb not in ("individual", "base"):
-            ax.fill([*angles, angles[0]], [*vals, vals[0]], color=color, alpha=0.05)
-    ax.set_xticks(angles, [t.replace("_", "\n", 1) if len(t) > 12 else t for t in tasks], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_yticks([0.2, 0.4, 0.6, 0.8, 1.0], ["0.2", "0.4", "0.6", "0.8", "1.0"], fontsize=7)
-    ax.set_title(title, fontsize=11, pad=18)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.05, 1.0), fontsize=8, frameon=False)
+        vals = series[lb]
+        color = "#444444" if lb == "individual" else COLORS[i % len(COLORS)]
+        style = "--" if lb == "individual" else "-"
+        ax.plot([*angles, angles[0]], [*vals, vals[0]], style, color=color, lw=1.6, label=lb, marker="o", ms=3)
+    ax.set_xticks(angles, list(tasks), fontsize=8)
+    ax.tick_params(axis="x", pad=14)
+    ax.set_ylim(lo, 1.02)
+    ticks = [round(lo + k * (1.0 - lo) / 4, 2) for k in range(5)]
+    ax.set_yticks(ticks, [f"{t:.2f}" for t in ticks], fontsize=7)
+    ax.set_rlabel_position(90 / max(n, 1))
+    fig.suptitle(title, fontsize=11)
+    fig.legend(loc="center left", bbox_to_anchor=(0.76, 0.5), fontsize=8, frameon=False)
     fig.savefig(path)
 
 
@@ -162,7 +174,7 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     written.append(p)
     if len(cfg["tasks"]) >= 3:
         p = out_dir / "per_task_radar.png"
-        plot_radar(summary, cfg["tasks"], p, title=f"{name}: per-task test accuracy{suffix}")
+        plot_radar(summary, cfg["tasks"], p, title=f"{name}: per-task accuracy / expert accuracy{suffix}")
         written.append(p)
     if summary["sweep"]:
         p = out_dir / "experts_sweep.png"

@@ -22,9 +22,10 @@ Scores (all accuracies on the test split unless said otherwise):
   held-out task reusing t's head use task t's model; few-shot held-out tasks have no task model
   and are not scored for EMR (nor for ``individual``).
 
-Grids: every point is scored on validation and test; the ``<label> (tuned)`` row is the point
-with the best mean normalised *validation* held-in score (first in grid order on ties), reported
-on test. Number of experts: for each size k in ``n_experts`` below the number of tasks,
+Grids: every point is scored on validation; the ``<label> (tuned)`` row is the point with the
+best mean normalised *validation* held-in score (first in grid order on ties), scored on test
+and held-out (test scores of the other grid points are never computed: the test split chooses
+nothing). Number of experts: for each size k in ``n_experts`` below the number of tasks,
 ``subsets_per_size`` seeded random subsets of k experts are merged with each entry's default
 point and scored on their own tasks.
 """
@@ -32,6 +33,7 @@ point and scored on their own tasks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -49,7 +51,7 @@ from weightmerge import __version__
 from weightmerge.api import EMRResult, merge_state_dicts
 from weightmerge.eval import stats as stats_lib
 from weightmerge.eval.cache import default_cache_dir
-from weightmerge.eval.config import EvalConfig, config_hash, grid_points, params_key
+from weightmerge.eval.config import EvalConfig, MethodEntry, config_hash, grid_points, params_key
 from weightmerge.eval.evaluate import few_shot_index, fit_probe, head_accuracy, labels_of, pooled_features
 from weightmerge.eval.model import Encoded, Encoder, encode, load_body_state, load_encoder
 from weightmerge.eval.train import Expert, TrainSettings, derive_seed, load_or_train
@@ -247,16 +249,18 @@ def score(
     tasks: Sequence[str],
     held_out: Sequence[str],
     validation: bool,
+    test: bool = True,
 ) -> Scores:
-    """Score the body ``state_for(t)`` on held-in tasks ``tasks`` with each task's own head;
-    held-out tasks reusing head t use ``state_for(t)``; few-shot ones ``state_for(None)`` (None =
-    not applicable)."""
+    """Score the body ``state_for(t)`` on held-in tasks ``tasks`` with each task's own head (test
+    and/or validation split); held-out tasks (test split) reusing head t use ``state_for(t)``,
+    few-shot ones ``state_for(None)`` (None = not applicable)."""
     out = Scores(test={})
     for t in tasks:
         state = state_for(t)
         assert state is not None
         head = ctx.experts[t].head
-        out.test[t] = head_accuracy(head, ctx.features(state, t, "test"), labels_of(ctx.data[t].test))
+        if test:
+            out.test[t] = head_accuracy(head, ctx.features(state, t, "test"), labels_of(ctx.data[t].test))
         if validation:
             out.validation[t] = head_accuracy(
                 head, ctx.features(state, t, "validation"), labels_of(ctx.data[t].validation)
@@ -288,13 +292,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def summarise(ctx: SeedContext, scores: Scores, reference: Mapping[str, Scores]) -> dict[str, Any]:
     """Per-task and averaged raw and normalised numbers of one scored model."""
     experts = reference["individual"]
-    norm = {t: _ratio(a, experts.test[t]) for t, a in scores.test.items()}
-    row: dict[str, Any] = {
-        "held_in": dict(scores.test),
-        "avg": _mean(list(scores.test.values())),
-        "normalized": norm,
-        "normalized_avg": _mean(list(norm.values())),
-    }
+    row: dict[str, Any] = {}
+    if scores.test:
+        norm = {t: _ratio(a, experts.test[t]) for t, a in scores.test.items()}
+        row.update(
+            held_in=dict(scores.test),
+            avg=_mean(list(scores.test.values())),
+            normalized=norm,
+            normalized_avg=_mean(list(norm.values())),
+        )
     if scores.validation:
         vnorm = {t: _ratio(a, ctx.experts[t].val_accuracy) for t, a in scores.validation.items()}
         row["validation"] = dict(scores.validation)
@@ -358,17 +364,13 @@ def merge_params(
     return full
 
 
-def merge_and_score(
-    ctx: SeedContext,
-    method: str,
-    params: Mapping[str, Any],
-    *,
-    tasks: Sequence[str],
-    held_out: Sequence[str],
-    validation: bool,
-    dtype: str = "float32",
-) -> tuple[Scores, float]:
-    """Merge the experts of ``tasks`` and score the result; (scores, merge seconds)."""
+Merged = Mapping[str, torch.Tensor] | EMRResult
+
+
+def merge(
+    ctx: SeedContext, method: str, params: Mapping[str, Any], *, tasks: Sequence[str], dtype: str = "float32"
+) -> tuple[Merged, float]:
+    """Merge the bodies of the experts of ``tasks``; (result, seconds of the merge itself)."""
     full = merge_params(ctx, method, params, tasks)
     t0 = time.perf_counter()
     merged = merge_state_dicts(
@@ -379,8 +381,21 @@ def merge_and_score(
         seed=ctx.seed,
         compute_dtype=getattr(torch, dtype),
     )
-    seconds = time.perf_counter() - t0
+    return merged, time.perf_counter() - t0
+
+
+def score_merged(
+    ctx: SeedContext,
+    merged: Merged,
+    *,
+    tasks: Sequence[str],
+    held_out: Sequence[str],
+    validation: bool,
+    test: bool = True,
+) -> Scores:
+    """Score a merge of the experts of ``tasks`` (EMR: task i with its reconstruction i)."""
     if isinstance(merged, EMRResult):
+        emr = merged
         per_task: dict[str, StateDict] = {}
         index = {t: i for i, t in enumerate(tasks)}
 
@@ -389,12 +404,29 @@ def merge_and_score(
                 return None
             if t not in per_task:
                 per_task.clear()  # one reconstruction alive at a time
-                per_task[t] = merged.task_state_dict(index[t])
+                per_task[t] = emr.task_state_dict(index[t])
             return per_task[t]
 
-        return score(ctx, state_for, tasks=tasks, held_out=held_out, validation=validation), seconds
+        return score(ctx, state_for, tasks=tasks, held_out=held_out, validation=validation, test=test)
     body = merged
-    return score(ctx, lambda _t: body, tasks=tasks, held_out=held_out, validation=validation), seconds
+    return score(ctx, lambda _t: body, tasks=tasks, held_out=held_out, validation=validation, test=test)
+
+
+def merge_and_score(
+    ctx: SeedContext,
+    method: str,
+    params: Mapping[str, Any],
+    *,
+    tasks: Sequence[str],
+    held_out: Sequence[str],
+    validation: bool,
+    test: bool = True,
+    dtype: str = "float32",
+) -> tuple[Scores, float]:
+    """Merge the experts of ``tasks`` and score the result; (scores, merge seconds)."""
+    merged, seconds = merge(ctx, method, params, tasks=tasks, dtype=dtype)
+    scores = score_merged(ctx, merged, tasks=tasks, held_out=held_out, validation=validation, test=test)
+    return scores, seconds
 
 
 def _subsets(tasks: Sequence[str], k: int, count: int, seed: int) -> list[list[str]]:
@@ -412,6 +444,59 @@ def _subsets(tasks: Sequence[str], k: int, count: int, seed: int) -> list[list[s
     return found
 
 
+def run_entry(
+    ctx: SeedContext, entry: MethodEntry, reference: Mapping[str, Scores], bar: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """(default row, tuned row or None, grid rows) of one method entry.
+
+    The default point is scored on test and held-out (and validation when there is a grid). Other
+    grid points are scored on validation only; the best one (by normalised validation held-in,
+    first on ties) is then scored on test and held-out, from the merge kept in memory.
+    """
+    points = grid_points(entry)
+    grid_rows: list[dict[str, Any]] = []
+    best: tuple[float, int, Merged | None] = (-math.inf, -1, None)
+    default_row: dict[str, Any] = {}
+    for i, point in enumerate(points):
+        bar.set_postfix_str(f"{entry.name} {params_key(point)}")
+        t0 = time.perf_counter()
+        merged, merge_s = merge(ctx, entry.method, point, tasks=ctx.held_in, dtype=entry.dtype)
+        first = i == 0
+        scores = score_merged(
+            ctx,
+            merged,
+            tasks=ctx.held_in,
+            held_out=ctx.held_out if first else (),
+            validation=bool(entry.grid),
+            test=first,
+        )
+        row = summarise(ctx, scores, reference)
+        row.update(method=entry.method, params=point, merge_seconds=merge_s)
+        row["seconds"] = time.perf_counter() - t0
+        bar.update(1)
+        if first:
+            default_row = row
+        if entry.grid:
+            grid_rows.append(row)
+            v = row["validation_normalized_avg"]
+            if v is not None and v > best[0]:
+                best = (v, i, merged)
+        del merged
+    if not entry.grid:
+        return default_row, None, grid_rows
+    _, index, kept = best
+    if index <= 0 or kept is None:  # the default point is the best (or nothing was scored)
+        tuned = dict(default_row)
+    else:
+        t0 = time.perf_counter()
+        scores = score_merged(ctx, kept, tasks=ctx.held_in, held_out=ctx.held_out, validation=False)
+        tuned = {**grid_rows[index], **summarise(ctx, scores, reference)}
+        tuned["seconds"] = grid_rows[index]["seconds"] + time.perf_counter() - t0
+    tuned["selected_by"] = "validation normalised held-in"
+    tuned["grid_index"] = max(index, 0)
+    return default_row, tuned, grid_rows
+
+
 def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
     """Every number for one seed."""
     cfg = ctx.config
@@ -419,39 +504,20 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
     reference, held_out_details = reference_rows(ctx)
     rows: dict[str, Any] = {name: summarise(ctx, s, reference) for name, s in reference.items()}
     grids: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    work = [(entry, p) for entry in cfg.methods for p in grid_points(entry)]
-    bar = tqdm(work, desc=f"seed {ctx.seed}: merge + evaluate", disable=not ctx.progress, unit="merge")
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    for entry, point in bar:
-        bar.set_postfix_str(f"{entry.name} {params_key(point)}")
-        t0 = time.perf_counter()
-        scores, merge_s = merge_and_score(
-            ctx,
-            entry.method,
-            point,
-            tasks=ctx.held_in,
-            held_out=ctx.held_out,
-            validation=bool(entry.grid),
-            dtype=entry.dtype,
-        )
-        row = summarise(ctx, scores, reference)
-        row.update(method=entry.method, params=point, merge_seconds=merge_s)
-        row["seconds"] = time.perf_counter() - t0
-        done[(entry.name, params_key(point))] = row
-        timings[f"{entry.name} {params_key(point)}"] = row["seconds"]
+    total = sum(len(grid_points(e)) for e in cfg.methods)
+    bar = tqdm(total=total, desc=f"seed {ctx.seed}: merge + evaluate", disable=not ctx.progress, unit="merge")
     for entry in cfg.methods:
-        points = grid_points(entry)
-        rows[entry.name] = done[(entry.name, params_key(points[0]))]
-        if entry.grid:
-            scored = [done[(entry.name, params_key(p))] for p in points]
-            best = max(range(len(scored)), key=lambda i: (scored[i]["validation_normalized_avg"] or 0.0, -i))
-            rows[f"{entry.name} (tuned)"] = {**scored[best], "selected_by": "validation normalised held-in"}
-            grids[entry.name] = scored
-        r = rows[entry.name]
-        log(
-            f"seed {ctx.seed}: {entry.name}: avg {r['avg']:.3f}, normalised held-in {r['normalized_avg']:.3f}"
-        )
+        default_row, tuned, grid_rows = run_entry(ctx, entry, reference, bar)
+        rows[entry.name] = default_row
+        if tuned is not None:
+            rows[f"{entry.name} (tuned)"] = tuned
+            grids[entry.name] = grid_rows
+        msg = f"seed {ctx.seed}: {entry.name}: avg {default_row['avg']:.3f}, normalised held-in "
+        msg += f"{default_row['normalized_avg']:.3f}"
+        if tuned is not None:
+            msg += f"; tuned {tuned['params']}: {tuned['normalized_avg']:.3f}"
+        log(msg)
+    bar.close()
     sweep = run_sweep(ctx, rows)
     return {
         "seed": ctx.seed,
@@ -472,7 +538,7 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
         "grids": grids,
         "sweep": sweep,
         "stats_cached": dict(ctx.stats_cached),
-        "seconds": {"merge_and_evaluate": time.perf_counter() - t_start, "per_point": timings},
+        "seconds": {"merge_and_evaluate": time.perf_counter() - t_start},
     }
 
 

@@ -1,14 +1,15 @@
 """Fine-tuning one expert per task (body + its own head), seeded, with the best checkpoint on
 validation kept, and cached on disk.
 
-Recipe (``TrainSettings``): AdamW (no weight decay by default, so token embeddings never seen in
-training keep exactly their base values and the task vector is 0 there), separate learning rates
-for the body and the freshly initialised head, linear warm-up then linear decay, gradient norm
-clipped to 1, examples truncated to ``max_length`` tokens and padded per batch. The data order is a
-seeded permutation per epoch, bucketed by length (``epoch_batches``); dropout draws come from the seeded global generator inside a forked
-RNG state, so the same seed gives the same expert bit for bit on the same machine and library
-versions. Validation accuracy is measured ``evals_per_epoch`` times per epoch; the weights with
-the best validation accuracy (earliest on ties) are kept, and training stops after ``patience``
+Recipe (``TrainSettings``): AdamW (fused; no weight decay by default, so token embeddings never
+seen in training keep exactly their base values and the task vector is 0 there), separate
+learning rates for the body and the freshly initialised head, linear warm-up then linear decay,
+gradient norm clipped to 1, examples truncated to ``max_length`` tokens and padded per batch. The
+data order is a seeded permutation per epoch, bucketed by length (``epoch_batches``); dropout
+draws come from the seeded global generator inside a forked RNG state, so the same seed gives the
+same expert bit for bit on the same machine and library versions. Validation accuracy is measured
+``evals_per_epoch`` times per epoch; the weights with the best validation accuracy (earliest on
+ties) are kept, and training stops after ``patience``
 evaluations without improvement (early stopping).
 """
 
@@ -39,7 +40,7 @@ RECIPE_VERSION = 1
 class TrainSettings:
     epochs: int = 2
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 1e-4
     head_lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -182,7 +183,9 @@ def fine_tune(
         bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
         stop = False
         for _epoch in range(settings.epochs):
-            for batch in epoch_batches(lengths, batch_size=settings.batch_size, bucket=settings.bucket, generator=order_gen):
+            for batch in epoch_batches(
+                lengths, batch_size=settings.batch_size, bucket=settings.bucket, generator=order_gen
+            ):
                 model.train()
                 ids, mask, labels = collate(train, batch)
                 loss = nn.functional.cross_entropy(model(ids, mask), labels)
