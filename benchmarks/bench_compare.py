@@ -51,6 +51,9 @@ class CheckpointDir:
     def keys(self) -> list[str]:
         return sorted(self.weight_map)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __getitem__(self, name: str) -> torch.Tensor:
         f = self.weight_map[name]
         if f not in self._handles:

@@ -594,7 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="per-run timeout (s)")
     p.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/...)")
     p.add_argument("--write-doc", action="store_true", help=f"write the report into {DOC.relative_to(REPO)}")
+    p.add_argument("--report", type=Path, default=None, help="only render a results JSON (no runs)")
     args = p.parse_args(argv)
+    if args.report is not None:
+        md = markdown(json.loads(args.report.read_text()))
+        print(md)
+        if args.write_doc:
+            write_doc(md)
+        return 0
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
     unknown = [k for k in keys if k not in METHODS]

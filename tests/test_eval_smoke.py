@@ -20,7 +20,6 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
-
 from weightmerge import merge_state_dicts
 from weightmerge.api import EMRResult
 from weightmerge.cli import main
@@ -28,6 +27,8 @@ from weightmerge.eval.config import parse_config
 from weightmerge.eval.model import load_encoder
 from weightmerge.eval.runner import merge_and_score, prepare_seed, reference_rows
 from weightmerge.eval.tasks import make_task, register_task
+
+pytestmark = pytest.mark.slow  # ~40 s in all (mostly importing transformers and matplotlib)
 
 SIZES = {"n_train": 48, "n_val": 24, "n_test": 32}
 
@@ -282,3 +283,30 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "did you mean 'ties'" in err and err.count("\n") == 1
     assert main(["eval", "no-such-builtin"]) == 1
     assert "no built-in eval config" in capsys.readouterr().err
+
+
+def test_demo_command_runs_its_builtin_config(
+    smoke_run: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`weightmerge demo` = the built-in demo config through the same runner (here swapped for the
+    smoke config, whose experts are cached, so this runs in seconds)."""
+    import weightmerge.eval.config as config_mod
+
+    tmp = smoke_run["tmp"]
+    seen: list[str] = []
+
+    def fake_builtin(name: str):
+        seen.append(name)
+        return parse_config(_config_doc(tmp))
+
+    monkeypatch.setattr(config_mod, "builtin_config", fake_builtin)
+    out = tmp / "demo-out"
+    assert main(["demo", "--no-progress", "-q", "--seeds", "1", "--output-dir", str(out)]) == 0
+    assert seen == ["demo"]
+    printed = capsys.readouterr().out
+    assert "individual" in printed and "emr" in printed and "norm. held-in" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["manifest"]["seeds"] == [1]
+    assert all(e["cached"] for e in report["per_seed"][0]["experts"].values())
+    assert main(["demo", "--full", "--no-progress", "-q", "--seeds", "1", "--output-dir", str(out)]) == 0
+    assert seen == ["demo", "benchmark"]

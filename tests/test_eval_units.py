@@ -267,7 +267,7 @@ def test_expert_key_depends_on_everything() -> None:
     assert k != expert_key(task_fingerprint="t2", model_fingerprint="m", settings=s, seed=0)
     assert k != expert_key(task_fingerprint="t", model_fingerprint="m2", settings=s, seed=0)
     assert k != expert_key(
-        task_fingerprint="t", model_fingerprint="m", settings=TrainSettings(lr=1e-4), seed=0
+        task_fingerprint="t", model_fingerprint="m", settings=TrainSettings(lr=3e-4), seed=0
     )
     assert k != expert_key(task_fingerprint="t", model_fingerprint="m", settings=s, seed=1)
     with pytest.raises(ValueError, match="epochs"):

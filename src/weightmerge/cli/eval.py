@@ -53,7 +53,12 @@ def run_and_report(cfg: Any, args: argparse.Namespace) -> int:
 
     progress = not args.no_progress and sys.stderr.isatty()
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = run_eval(cfg, progress=progress or args.progress, log=log, command=list(sys.argv))
+    from weightmerge.eval.tasks import TaskDataUnavailable
+
+    try:
+        report = run_eval(cfg, progress=progress or args.progress, log=log, command=list(sys.argv))
+    except TaskDataUnavailable as err:  # packaged data not installed: say how to install it
+        raise UserError(str(err)) from None
     paths = write_outputs(report, Path(cfg.output_dir))
     print(console_table(report))
     for kind, p in paths.items():

@@ -81,12 +81,14 @@ def plot_radar(summary: Mapping[str, Any], tasks: Sequence[str], path: Path, *, 
     lo = max(0.0, math.floor((min(finite, default=0.0) - 0.05) * 10) / 10)
     fig = Figure(figsize=(9.0, 6.6), dpi=110)
     fig.subplots_adjust(left=0.16, right=0.68, top=0.84, bottom=0.1)
-    ax = fig.add_subplot(projection="polar")
+    ax: Any = fig.add_subplot(projection="polar")  # a PolarAxes (typed as Axes by matplotlib)
     for i, lb in enumerate(labels):
         vals = series[lb]
         color = "#444444" if lb == "individual" else COLORS[i % len(COLORS)]
         style = "--" if lb == "individual" else "-"
-        ax.plot([*angles, angles[0]], [*vals, vals[0]], style, color=color, lw=1.6, label=lb, marker="o", ms=3)
+        ax.plot(
+            [*angles, angles[0]], [*vals, vals[0]], style, color=color, lw=1.6, label=lb, marker="o", ms=3
+        )
     ax.set_xticks(angles, list(tasks), fontsize=8)
     ax.tick_params(axis="x", pad=14)
     ax.set_ylim(lo, 1.02)

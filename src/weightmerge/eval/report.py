@@ -115,6 +115,8 @@ def fmt(s: Mapping[str, Any] | None, *, digits: int = 3, spread: bool = True) ->
 
 
 def _fmt_params(params: Sequence[Any]) -> str:
+    if all(p is None for p in params):
+        return ""  # a reference row
     distinct: list[str] = []
     for p in params:
         text = ", ".join(f"{k}={v}" for k, v in sorted((p or {}).items())) or "defaults"
