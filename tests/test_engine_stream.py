@@ -201,3 +201,35 @@ def test_tied_embeddings_model_loads_with_transformers(tmp_path: Path) -> None:
     merged = merge_state_dicts(base, experts, "ties", {"density": 0.5})
     assert "lm_head.weight" not in load_output(out)
     assert torch.equal(model.lm_head.weight, merged["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.4}), ("pcb", {"keep_ratio": 0.2})])
+def test_cli_merge_loads_with_transformers_and_gives_the_in_memory_logits(
+    tmp_path: Path, method: str, params: dict
+) -> None:
+    """End to end: a tiny random Llama (built from a transformers config) merged by the CLI from
+    mixed layouts; the output loads with AutoModelForCausalLM and gives exactly the logits of a
+    model holding the in-memory merged state dict."""
+    transformers = pytest.importorskip("transformers")
+    from ckpt_fixtures import tiny_llama_config
+
+    base_dir, dirs, base, experts = make_family(tmp_path / "in", N, layouts=("sharded", "bin", "single"))
+    cfg = tmp_path / "cfg.yaml"
+    models = "\n".join(f"  - model: {d}" for d in dirs)
+    lines = "\n".join(f"  {k}: {v}" for k, v in params.items())
+    cfg.write_text(
+        f"merge_method: {method}\nbase_model: {base_dir}\nmodels:\n{models}\nparameters:\n{lines}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "-q", "--shard-size", "40KB"]) == 0
+    assert (out / "model.safetensors.index.json").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    reference = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+    merged = merge_state_dicts(base, experts, method, params)
+    assert isinstance(merged, dict)
+    reference.load_state_dict(merged)
+    ids = torch.tensor([[1, 5, 9, 3, 40, 77]])
+    with torch.no_grad():
+        got, want = loaded(ids).logits, reference(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(want, transformers.AutoModelForCausalLM.from_pretrained(str(base_dir))(ids).logits)

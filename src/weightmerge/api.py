@@ -131,13 +131,19 @@ def merge_state_dicts(
     seed: int = 0,
     *,
     compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, torch.Tensor] | EMRResult:
     """Merge ``models`` (fine-tuned from ``base``) with ``method``; see ``weightmerge methods``.
 
     ``params`` uses the YAML names of the method (per-model values as a list, one per model, or a
     scalar); ``exclude`` (list of regexes) keeps matching tensors at the base value. Arithmetic runs
-    in ``compute_dtype`` (float32 or float64); results are cast back to the base dtype.
+    in ``compute_dtype`` (float32 or float64); results are cast back to the base dtype. ``device``
+    is where the arithmetic runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"``/``None``: a GPU
+    when present); inputs may live anywhere, results are CPU tensors.
     """
+    from weightmerge.device import resolve_device
+
+    dev = resolve_device(device)
     spec = get_method(method)
     _check_inputs(base, models, spec)
     if compute_dtype not in COMPUTE_DTYPES:
@@ -181,6 +187,7 @@ def merge_state_dicts(
         seed=seed,
         compute_dtype=compute_dtype,
         aux=aux if aux_keys else (lambda _n, _r: {}),
+        device=dev,
     )
     merged: dict[str, torch.Tensor] = {}
     unified: dict[str, torch.Tensor] = {}
@@ -189,11 +196,12 @@ def merge_state_dicts(
     def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:
         assert rows is None, "the in-memory API never chunks"
         if isinstance(out, EMRTensor):
-            unified[name] = out.unified
+            unified[name] = out.unified.cpu()
+            cpu_masks = out.masks.cpu()
             for i in range(n):
-                masks[i][name] = out.masks[i]
+                masks[i][name] = cpu_masks[i]
         else:
-            merged[name] = out.to(ref[name].dtype)
+            merged[name] = out.to(ref[name].dtype).cpu()
 
     outcome = run_merge(inp, spec, emit)
     if spec.name == "emr":

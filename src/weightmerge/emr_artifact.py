@@ -73,7 +73,7 @@ class _ExpertTensors(Mapping[str, torch.Tensor]):
 
 
 def stream_emr_artifact(
-    inputs: OpenedInputs, out: Path, opts: MergeOptions
+    inputs: OpenedInputs, out: Path, opts: MergeOptions, *, device: torch.device | None = None
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Merge ``inputs`` with EMR into the artifact directory ``out`` (existing, empty)."""
     plan, cfg = inputs.plan, inputs.config
@@ -119,6 +119,7 @@ def stream_emr_artifact(
             seed=cfg.seed,
             quiet=opts.quiet,
             prefetch=opts.prefetch,
+            device=device,
         )
         timings.update(t)
         t1 = time.perf_counter()

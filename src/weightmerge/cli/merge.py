@@ -21,13 +21,14 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         prefetch=not args.no_prefetch,
         copy_tokenizer=not args.no_copy_tokenizer,
+        device=args.device,
     )
     report = merge_config(cfg, args.out, opts)
     if not args.quiet:
         t, plan = report.timings, report.plan
         print(
-            f"merged {len(plan.merged)} tensors ({plan.method.name}, {plan.n_models} models) "
-            f"into {report.out} in {t.get('total_s', 0.0):.1f} s",
+            f"merged {len(plan.merged)} tensors ({plan.method.name}, {plan.n_models} models, "
+            f"on {report.extras.get('device', 'cpu')}) into {report.out} in {t.get('total_s', 0.0):.1f} s",
             file=sys.stderr,
         )
     return 0
@@ -47,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-memory",
         default=None,
         help="memory budget (e.g. 4GB); large tensors are merged in row chunks to stay under it",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the arithmetic runs: auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-prefetch", action="store_true", help="do not read the next tensor while computing")

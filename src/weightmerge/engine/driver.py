@@ -36,6 +36,7 @@ class MergeInputs:
     aux: Callable[[str, Rows], Mapping[str, torch.Tensor]] = lambda _name, _rows: {}
     progress: Callable[[str, str], None] | None = None  # (phase, tensor name)
     prefetch: bool = False  # read the next chunk on a helper thread while computing the current
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the math runs
 
 
 @dataclass
@@ -56,10 +57,10 @@ def _chunks(shape: tuple[int, ...], rows: int | None) -> Iterator[Rows]:
 def _load(
     inp: MergeInputs, method: MethodSpec, name: str, rows: Rows
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    dt = inp.compute_dtype
-    base = inp.base(name, rows).to(dt) if inp.base is not None else None
+    dt, dev = inp.compute_dtype, inp.device
+    base = inp.base(name, rows).to(device=dev, dtype=dt) if inp.base is not None else None
     first = inp.models[0](name, rows)
-    x = torch.empty((len(inp.models), *first.shape), dtype=dt)
+    x = torch.empty((len(inp.models), *first.shape), dtype=dt, device=dev)
     x[0].copy_(first)
     del first
     for i in range(1, len(inp.models)):
@@ -103,6 +104,10 @@ def _ctx(
     x: torch.Tensor,
     stats: Mapping[str, torch.Tensor],
 ) -> TensorCtx:
+    aux = inp.aux(name, rows)
+    if x.device.type != "cpu":  # statistics are kept on the CPU; the method sees them on its device
+        stats = {k: v.to(x.device) for k, v in stats.items()}
+        aux = {k: v.to(x.device) for k, v in aux.items()}
     return TensorCtx(
         name=name,
         base=base,
@@ -112,7 +117,7 @@ def _ctx(
         seed=inp.seed,
         full_shape=tuple(inp.shapes[name]),
         row_start=0 if rows is None else rows[0],
-        aux=inp.aux(name, rows),
+        aux=aux,
     )
 
 
@@ -161,7 +166,7 @@ def _run_pass(
         current = name
         ctx = _ctx(inp, name, rows, base, x, stats)
         for r in reduces:
-            pending[r.key].append(r.fn(ctx).to(torch.float64))
+            pending[r.key].append(r.fn(ctx).to(device="cpu", dtype=torch.float64))
         for o in orders:
             values = o.fn(ctx)
             if values.dtype == torch.float64:
@@ -238,7 +243,7 @@ def _refine_float64(
 
     def residual(o: OrderStat, ctx: TensorCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         values = o.fn(ctx).to(f64)
-        v32 = coarse[o.key]
+        v32 = coarse[o.key].to(values.device)
         res = values - v32.to(f64)
         return values.to(f32), v32, torch.where(torch.isnan(res), 0.0, res)
 
@@ -254,7 +259,7 @@ def _refine_float64(
     def round2(o: OrderStat) -> Callable[[TensorCtx], torch.Tensor]:
         def fn(ctx: TensorCtx) -> torch.Tensor:
             rounded, v32, res = residual(o, ctx)
-            first = r1[o.key][:, None]
+            first = r1[o.key].to(res.device)[:, None]
             r = res.to(f32)
             below = (rounded < v32) | ((rounded == v32) & (r < first))
             above = (rounded > v32) | ((rounded == v32) & (r > first))
@@ -273,7 +278,7 @@ def run_merge(
     emit: Callable[[str, Rows, torch.Tensor | EMRTensor], None],
 ) -> MergeOutcome:
     """Run the statistics passes, then the apply pass; ``emit`` receives each merged tensor/chunk
-    in the compute dtype (casting to the output dtype is the sink's job)."""
+    in the compute dtype, on ``inp.device`` (casting and moving to the CPU is the sink's job)."""
     if len(inp.models) < 1:
         raise ValueError("no models to merge")
     stats: dict[str, torch.Tensor] = {}

@@ -36,6 +36,7 @@ class MergeOptions:
     threads: int | None = None  # torch intra-op threads (default: all cores)
     prefetch: bool = True
     copy_tokenizer: bool = True
+    device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
 
 
 @dataclass
@@ -131,28 +132,30 @@ def _tokenizer_dir(cfg: MergeConfig) -> str | None:
 def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
+    from weightmerge.device import resolve_device
     from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
     from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
+    device = resolve_device(opts.device)  # a bad choice fails before anything is read
     if opts.threads:
         torch.set_num_threads(opts.threads)
     t0 = time.perf_counter()
     inputs = open_and_plan(cfg, max_memory=opts.max_memory)
     plan = inputs.plan
     timings: dict[str, float] = {"plan_s": time.perf_counter() - t0}
+    extras: dict[str, Any] = {"device": str(device)}
     ref = inputs.base if inputs.base is not None else inputs.models[0]
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_output_dir(out, force=opts.force) as tmp:
             tmp = Path(tmp)
-            extras: dict[str, Any] = {}
             if plan.method.name == "emr":
                 from weightmerge.emr_artifact import stream_emr_artifact
 
-                outcome, t = stream_emr_artifact(inputs, tmp, opts)
+                outcome, t = stream_emr_artifact(inputs, tmp, opts, device=device)
                 timings.update(t)
-                extras = dict(outcome.extras)
+                extras.update(outcome.extras)
             else:
                 layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
                 writer = ShardedSafetensorsWriter(tmp, layout, shard_size=opts.shard_size)
@@ -167,6 +170,7 @@ def merge_config(
                         seed=cfg.seed,
                         quiet=opts.quiet,
                         prefetch=opts.prefetch,
+                        device=device,
                     )
                     timings.update(t)
                     t2 = time.perf_counter()
@@ -176,7 +180,7 @@ def merge_config(
                     close = getattr(writer, "close", None)
                     if close is not None:
                         close()
-                extras = dict(outcome.extras)
+                extras.update(outcome.extras)
                 _write_config_json(ref, tmp, plan)
             tok = _tokenizer_dir(cfg)
             if opts.copy_tokenizer and tok is not None:

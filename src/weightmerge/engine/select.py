@@ -47,9 +47,10 @@ class RadixSelect:
         return sortable_keys(values)
 
     def add_level1(self, values: torch.Tensor, name: str = "?") -> None:
-        keys = self._keys(values, name)
+        keys = self._keys(values, name)  # on the values' device; the counters stay on the CPU
         high = (keys >> 16).to(torch.int64) + BUCKETS // 2
-        self.hist1 += torch.bincount((high + self._offsets).flatten(), minlength=self.n * BUCKETS)
+        offsets = self._offsets.to(keys.device)
+        self.hist1 += torch.bincount((high + offsets).flatten(), minlength=self.n * BUCKETS).cpu()
         self.count += values.shape[1]
 
     def finish_level1(self, ranks: torch.Tensor) -> None:
@@ -65,9 +66,9 @@ class RadixSelect:
         assert self.bucket is not None, "finish_level1 first"
         keys = self._keys(values, name)
         high = (keys >> 16).to(torch.int64) + BUCKETS // 2
-        inside = high == self.bucket[:, None]
-        low = (keys & 0xFFFF).to(torch.int64) + self._offsets
-        self.hist2 += torch.bincount(low[inside], minlength=self.n * BUCKETS)
+        inside = high == self.bucket.to(keys.device)[:, None]
+        low = (keys & 0xFFFF).to(torch.int64) + self._offsets.to(keys.device)
+        self.hist2 += torch.bincount(low[inside], minlength=self.n * BUCKETS).cpu()
 
     def finish_level2(self) -> torch.Tensor:
         assert self.bucket is not None and self.rest is not None

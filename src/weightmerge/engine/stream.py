@@ -96,10 +96,12 @@ def stream_merge(
     seed: int = 0,
     quiet: bool = False,
     prefetch: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Run ``plan``: copy the non-merged tensors, then merge the rest into ``sink``.
 
-    Returns the driver outcome and timings. Output dtypes are the plan's; casting happens here.
+    Returns the driver outcome and timings. Output dtypes are the plan's; casting (on ``device``,
+    default the CPU) and the copy back to the CPU happen here.
     """
     method = plan.method
     ref = base if base is not None else models[0]
@@ -156,15 +158,16 @@ def stream_merge(
         aux=aux if method.aux_inputs else (lambda _n, _r: {}),
         progress=on_progress,
         prefetch=prefetch,
+        device=device if device is not None else torch.device("cpu"),
     )
 
     def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:
         if isinstance(out, EMRTensor):
             if emr_sink is None:
                 raise ValueError("method 'emr' produces an artifact; use the EMR output path")
-            emr_sink(name, rows, out)
+            emr_sink(name, rows, EMRTensor(unified=out.unified.cpu(), masks=out.masks.cpu()))
             return
-        sink.write(name, out.to(out_dtypes[name]), rows)
+        sink.write(name, out.to(out_dtypes[name]).cpu(), rows)
 
     t1 = time.perf_counter()
     try:

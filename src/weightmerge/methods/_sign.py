@@ -28,7 +28,7 @@ def elect_sign(values: Tensor, *, zero: float | Tensor) -> Tensor:
     """
     total = values.sum(dim=0)
     sign = torch.sign(total)
-    fill = torch.as_tensor(zero, dtype=sign.dtype)
+    fill = torch.as_tensor(zero, dtype=sign.dtype, device=sign.device)
     return torch.where(total == 0, fill, sign)
 
 

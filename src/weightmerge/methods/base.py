@@ -158,7 +158,7 @@ def row_partials(t: Tensor, full_ndim: int, op: Literal["sum", "max", "min"] = "
     flat = t.reshape(n, 1, -1) if full_ndim <= 1 else t.reshape(n, t.shape[1], -1)
     if flat.shape[-1] == 0:
         fill = {"sum": 0.0, "max": -float("inf"), "min": float("inf")}[op]
-        return torch.full(flat.shape[:2], fill, dtype=torch.float64)
+        return torch.full(flat.shape[:2], fill, dtype=torch.float64, device=t.device)
     if op == "sum":
         return flat.sum(dim=-1)
     if op == "max":

@@ -41,7 +41,7 @@ def breadcrumbs_keep(delta: Tensor, *, density: float, gamma: float) -> Tensor:
     n_top = int(gamma * numel)
     n_bot = max(0, numel - target - n_top)
     order = torch.sort(delta.abs().reshape(-1), stable=True).indices
-    keep = torch.zeros(numel, dtype=torch.bool)
+    keep = torch.zeros(numel, dtype=torch.bool, device=delta.device)
     keep[order[n_bot : n_bot + target]] = True
     return keep.reshape(delta.shape)
 
@@ -62,7 +62,7 @@ def _make_apply(combine: Callable[..., Tensor]) -> Callable[[TensorCtx], Tensor]
         assert ctx.base is not None
         p = ctx.params
         x = breadcrumbs_deltas(ctx.x, p["density"], p["gamma"], rescale=bool(p["rescale"]))
-        w = torch.tensor(p["weight"], dtype=x.dtype)
+        w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
         mixed = combine(x, w, normalize=bool(p["normalize"]))
         lam = float(p["lambda"])
         return ctx.base + (mixed * lam if lam != 1 else mixed)

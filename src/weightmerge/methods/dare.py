@@ -39,7 +39,7 @@ def keep_mask(ctx: TensorCtx, model: int, density: float) -> Tensor:
     """Bool keep mask of model ``model``'s chunk: its slice of the tensor's seeded uniform draws."""
     row = ctx.x[model]
     u = uniform(ctx.seed, ctx.name, model, ctx.element_offset, row.numel(), math.prod(ctx.full_shape))
-    return (u < density).reshape(row.shape)
+    return (u.to(row.device) < density).reshape(row.shape)
 
 
 def drop_and_rescale(delta: Tensor, keep: Tensor, *, density: float, rescale: str) -> None:
@@ -90,14 +90,14 @@ def _finish(ctx: TensorCtx, mixed: Tensor) -> Tensor:
 def _apply_linear(ctx: TensorCtx) -> Tensor:
     p = ctx.params
     x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
-    w = torch.tensor(p["weight"], dtype=x.dtype)
+    w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
     return _finish(ctx, linear_sum(x, w, normalize=bool(p["normalize"])))
 
 
 def _apply_ties(ctx: TensorCtx) -> Tensor:
     p = ctx.params
     x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
-    w = torch.tensor(p["weight"], dtype=x.dtype)
+    w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
     return _finish(ctx, consensus_sum(x, w, normalize=bool(p["normalize"])))
 
 

@@ -43,10 +43,10 @@ def della_keep_probability(delta: Tensor, *, density: float, epsilon: float) -> 
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     m = rows.shape[1]
     if m <= 1:
-        rank_norm = torch.full(rows.shape, 0.5, dtype=delta.dtype)
+        rank_norm = torch.full(rows.shape, 0.5, dtype=delta.dtype, device=delta.device)
     else:
         order = torch.argsort(rows.abs(), dim=1, stable=True)
-        steps = torch.arange(m).reshape(1, m, *([1] * (rows.dim() - 2))).expand_as(order)
+        steps = torch.arange(m, device=delta.device).reshape(1, m, *([1] * (rows.dim() - 2))).expand_as(order)
         ranks = torch.empty_like(order).scatter_(1, order, steps)
         rank_norm = ranks.to(delta.dtype) / (m - 1)
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
@@ -74,7 +74,7 @@ def della_deltas(ctx: TensorCtx, *, rescale: bool, mode: str) -> Tensor:
         check_della_bounds(d, e, f" (tensor {ctx.name!r}, model {i})")
         prob = della_keep_probability(row, density=d, epsilon=e)
         u = uniform(ctx.seed, ctx.name, i, ctx.element_offset, row.numel(), full).reshape(row.shape)
-        keep = u.to(prob.dtype) < prob
+        keep = u.to(device=prob.device, dtype=prob.dtype) < prob
         if rescale and mode == "inverse_keep":
             row.masked_fill_(~keep, 0.0).div_(prob)
         else:
@@ -87,7 +87,7 @@ def _make_apply(combine: Callable[..., Tensor]) -> Callable[[TensorCtx], Tensor]
         assert ctx.base is not None
         p = ctx.params
         x = della_deltas(ctx, rescale=bool(p["rescale"]), mode=str(p["rescale_mode"]))
-        w = torch.tensor(p["weight"], dtype=x.dtype)
+        w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
         mixed = combine(x, w, normalize=bool(p["normalize"]))
         lam = float(p["lambda"])
         return ctx.base + (mixed * lam if lam != 1 else mixed)

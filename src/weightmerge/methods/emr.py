@@ -75,7 +75,8 @@ def _num_partials(ctx: TensorCtx) -> Tensor:
 
 def _den_partials(ctx: TensorCtx) -> Tensor:
     _, epsilon, masks = elect(_deltas(ctx))
-    kept = torch.where(masks, epsilon, torch.zeros((), dtype=epsilon.dtype))  # |M_t * unified|
+    zero = torch.zeros((), dtype=epsilon.dtype, device=epsilon.device)
+    kept = torch.where(masks, epsilon, zero)  # |M_t * unified|
     return row_partials(kept, len(ctx.full_shape))
 
 

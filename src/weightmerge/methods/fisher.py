@@ -92,7 +92,7 @@ def _apply(ctx: TensorCtx) -> torch.Tensor:
     p = ctx.params
     _check_weights(ctx.name, p["weight"])
     eps = float(p["minimal_fisher_weight"])
-    weights = torch.tensor(p["weight"], dtype=torch.float64)
+    weights = torch.tensor(p["weight"], dtype=torch.float64, device=ctx.x.device)
     coeffs = fisher_coefficients(
         weights, fisher_sq_sum=ctx.stats.get(NORM_KEY) if p["normalize_fisher_weight"] else None, eps=eps
     )
@@ -113,7 +113,7 @@ def _sq_partials(ctx: TensorCtx) -> torch.Tensor:
     fisher = ctx.aux.get("fisher")
     if fisher is None:
         rows = 1 if len(ctx.full_shape) <= 1 else int(ctx.x.shape[1])
-        return torch.zeros((ctx.n_models, rows), dtype=torch.float64)
+        return torch.zeros((ctx.n_models, rows), dtype=torch.float64, device=ctx.x.device)
     _check_fisher_values(ctx.name, fisher)
     return row_partials(fisher.to(torch.float64).square(), len(ctx.full_shape))
 

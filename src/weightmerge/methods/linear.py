@@ -22,12 +22,12 @@ def linear_merge(weights: torch.Tensor, x: torch.Tensor, *, normalize: bool) -> 
     out = (x * w).sum(dim=0)
     if normalize:
         total = weights.to(x.dtype).sum()
-        out = out / (total if total != 0 else torch.ones((), dtype=x.dtype))
+        out = out / (total if total != 0 else torch.ones((), dtype=x.dtype, device=x.device))
     return out
 
 
 def _apply(ctx: TensorCtx) -> torch.Tensor:
-    w = torch.tensor(ctx.params["weight"], dtype=ctx.x.dtype)
+    w = torch.tensor(ctx.params["weight"], dtype=ctx.x.dtype, device=ctx.x.device)
     return linear_merge(w, ctx.x, normalize=ctx.params["normalize"])
 
 

@@ -53,7 +53,7 @@ def _apply(ctx: TensorCtx) -> Tensor:
     p = ctx.params
     if ctx.n_models == 1:
         return ctx.x[0]
-    w = torch.tensor(p["weight"], dtype=ctx.x.dtype)
+    w = torch.tensor(p["weight"], dtype=ctx.x.dtype, device=ctx.x.device)
     if p["normalize_weights"]:
         total = w.sum()
         if bool(total == 0):

@@ -85,7 +85,7 @@ def dare_drop(
     for i, p in enumerate(rates):
         if not p:
             continue
-        u = uniform(seed, name, i, offset, t.shape[1], full_numel)
+        u = uniform(seed, name, i, offset, t.shape[1], full_numel).to(t.device)
         out[i].masked_fill_(~(u < 1.0 - p), 0.0).mul_(1.0 / (1.0 - p))
     return out
 
@@ -176,7 +176,7 @@ def _mix(t: Tensor, a_hat: Tensor, beta: Tensor, thr: Tensor, beta_max: Tensor, 
 
 
 def _lambdas(ctx: TensorCtx) -> Tensor:
-    return torch.tensor(ctx.params["lambda"], dtype=ctx.x.dtype).reshape(-1, 1)
+    return torch.tensor(ctx.params["lambda"], dtype=ctx.x.dtype, device=ctx.x.device).reshape(-1, 1)
 
 
 def _clamp_bounds(t: Tensor, clamp_ratio: float) -> tuple[Tensor, Tensor]:
@@ -225,7 +225,7 @@ def _beta_row_max(ctx: TensorCtx) -> Tensor:
     """(n, 1) float64 max of beta over the chunk (a max needs no per-row partials to be exact)."""
     beta = _global_beta(ctx)
     if beta.shape[1] == 0:
-        return torch.full((beta.shape[0], 1), -math.inf, dtype=torch.float64)
+        return torch.full((beta.shape[0], 1), -math.inf, dtype=torch.float64, device=beta.device)
     return beta.amax(dim=1, keepdim=True).to(torch.float64)
 
 

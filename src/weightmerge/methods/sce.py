@@ -31,7 +31,7 @@ def variance_mask(tvs: Tensor, *, select_topk: float) -> Tensor:
     """Bool (*shape): the floor(select_topk * #nonzero-variance) entries of largest variance."""
     var = tvs.var(dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(var)) * select_topk)
-    keep = torch.zeros(var.numel(), dtype=torch.bool)
+    keep = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
     if k > 0:
         order = torch.sort(var.reshape(-1), descending=True, stable=True).indices
         keep[order[:k]] = True

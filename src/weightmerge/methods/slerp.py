@@ -32,7 +32,8 @@ NORM_EPS = 1e-8
 def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
     """Spherical interpolation of two same-shape tensors, flattened as one vector each."""
     a, b = v0.reshape(-1), v1.reshape(-1)
-    tt = torch.tensor(t, dtype=v0.dtype)  # t in the compute dtype, so 1 - t rounds as mergekit's
+    # t in the compute dtype, so 1 - t rounds as mergekit's
+    tt = torch.tensor(t, dtype=v0.dtype, device=v0.device)
     if a.numel() == 0:
         return v0.clone()
     na = torch.linalg.vector_norm(a)

@@ -22,13 +22,13 @@ def task_arithmetic_merge(
     mixed = (deltas * w).sum(dim=0)
     if normalize:
         total = weights.to(deltas.dtype).sum()
-        mixed = mixed / (total if total != 0 else torch.ones((), dtype=deltas.dtype))
+        mixed = mixed / (total if total != 0 else torch.ones((), dtype=deltas.dtype, device=deltas.device))
     return base + lam * mixed
 
 
 def _apply(ctx: TensorCtx) -> torch.Tensor:
     assert ctx.base is not None
-    w = torch.tensor(ctx.params["weight"], dtype=ctx.x.dtype)
+    w = torch.tensor(ctx.params["weight"], dtype=ctx.x.dtype, device=ctx.x.device)
     return task_arithmetic_merge(
         ctx.base, ctx.x, w, lam=ctx.params["lambda"], normalize=ctx.params["normalize"]
     )

@@ -89,7 +89,7 @@ def trim_mask(mag: Tensor, *, rank: int, exact: bool) -> Tensor:
 def l1_factor(before: Tensor, after: Tensor) -> Tensor:
     """mergekit's L1 rescale factor, 1 when either norm is below 1e-7."""
     if bool(before < RESCALE_EPS) or bool(after < RESCALE_EPS):
-        return torch.ones((), dtype=before.dtype)
+        return torch.ones((), dtype=before.dtype, device=before.device)
     return before / after
 
 
@@ -250,7 +250,7 @@ def _apply(ctx: TensorCtx) -> Tensor:
             majority = torch.sign(ctx.stats[MAJORITY][0]).to(x.dtype)
     else:
         trim_per_tensor(x, densities, variant=variant, rescale=rescale, name=ctx.name)
-    w = torch.tensor(p["weight"], dtype=x.dtype)
+    w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
     return ties_combine(
         ctx.base,
         x,
