@@ -340,12 +340,25 @@ def test_config_errors(doc, message: str) -> None:
 def test_builtin_configs_name_real_tasks_and_methods() -> None:
     from weightmerge.eval.tasks import BUILTIN_HELD_IN, available_tasks
 
-    for name in ("demo", "benchmark"):
+    for name in ("demo", "benchmark", "benchmark-defaults", "benchmark-tuned"):
         cfg = builtin_config(name)
         assert set(cfg.tasks) | set(cfg.held_out) <= set(available_tasks()), name
     full = builtin_config("benchmark")
     assert tuple(full.tasks) == BUILTIN_HELD_IN and len(full.seeds) == 3
     assert len(builtin_config("demo").tasks) == 4
+    # docs/results.md's configs: the full benchmark's tasks, seeds, sizes and default points
+    defaults = {m.name: m.params for m in full.methods}
+    for name in ("benchmark-defaults", "benchmark-tuned"):
+        cfg = builtin_config(name)
+        assert (cfg.tasks, cfg.held_out, cfg.seeds, cfg.sizes) == (
+            full.tasks,
+            full.held_out,
+            full.seeds,
+            full.sizes,
+        ), name
+        assert all(m.params == defaults[m.name] for m in cfg.methods), name
+    assert not any(m.grid for m in builtin_config("benchmark-defaults").methods)
+    assert [m.name for m in builtin_config("benchmark-defaults").methods] == list(defaults)
 
 
 # ------------------------------------------------------------------------------------------- report
