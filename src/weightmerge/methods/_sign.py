@@ -40,13 +40,17 @@ def agreement(values: Tensor, elected: Tensor) -> Tensor:
 
 def merge_agreeing(weighted: Tensor, weights: Tensor, agree: Tensor, *, normalize: bool) -> Tensor:
     """``sum_i weighted_i * agree_i``, divided by ``sum_i w_i agree_i`` when ``normalize`` (a zero
-    divisor counts as 1, so entries nobody agrees on give 0). ``weighted`` may be overwritten."""
-    mixed = weighted.masked_fill_(~agree, 0.0).sum(dim=0)
-    if not normalize:
-        return mixed
-    divisor = (model_view(weights, weighted) * agree.to(weighted.dtype)).sum(dim=0)
-    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return mixed / divisor
+    divisor counts as 1, so entries nobody agrees on give 0). ``weighted`` and ``agree`` are
+    overwritten."""
+    divisor = None
+    if normalize:
+        # sum_i w_i [agree_i]: one (n, *shape) temporary (where == w * 1.0 or 0: the same summands,
+        # up to the sign of zero, which the zero-divisor rule below makes irrelevant)
+        zero = torch.zeros((), dtype=weighted.dtype, device=weighted.device)
+        divisor = torch.where(agree, model_view(weights, weighted), zero).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    mixed = weighted.masked_fill_(agree.logical_not_(), 0.0).sum(dim=0)  # agree is not needed after
+    return mixed if divisor is None else mixed / divisor
 
 
 def majority_sign(elected: Tensor) -> Tensor:

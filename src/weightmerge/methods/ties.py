@@ -83,7 +83,8 @@ def trim_mask(mag: Tensor, *, rank: int, exact: bool) -> Tensor:
     need = rank - int(above.sum())
     if int(ties.sum()) == need:  # the usual case: no surplus ties at the threshold
         return above | ties
-    return above | (ties & (ties.cumsum(0) <= need))
+    above[ties.nonzero().squeeze(1)[:need]] = True  # the lowest-index ties (indices: ties only)
+    return above
 
 
 def l1_factor(before: Tensor, after: Tensor) -> Tensor:
