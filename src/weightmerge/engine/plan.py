@@ -20,6 +20,11 @@ from weightmerge.methods.base import MethodSpec
 FIXED_OVERHEAD_BYTES = 600 * 2**20
 # Working buffers besides the n stacked inputs: base, result, and ~2 temporaries of one tensor.
 EXTRA_BUFFERS = 4
+# Element-wise methods process large tensors in row chunks of about this many elements per model
+# even without --max-memory: the working set then stays in cache, buffers of one size are reused
+# by the allocator instead of being faulted in afresh, and the RSS stays flat as models grow.
+# Element-wise results do not depend on the chunking (the tests check this bit for bit).
+CACHE_CHUNK_ELEMENTS = 1 << 20
 
 TIED_PAIRS = (
     ("lm_head.weight", "model.embed_tokens.weight"),
@@ -85,7 +90,7 @@ class MergePlan:
             lines.append(f"statistics passes over the whole model: {self.stat_passes} (then one apply pass)")
         chunked = [t for t in merged if t.chunk_rows is not None]
         if chunked:
-            lines.append(f"row-chunked tensors (to honour --max-memory): {len(chunked)}")
+            lines.append(f"row-chunked tensors (element-wise method; --max-memory): {len(chunked)}")
         lines.append(f"estimated peak memory: {_fmt_bytes(self.est_peak_bytes)}")
         for note in self.notes:
             lines.append(f"note: {note}")
@@ -208,9 +213,8 @@ def build_plan(
     csize = _itemsize(compute_dtype)
     elementwise = method.is_elementwise(model_params)
     buffers = n + EXTRA_BUFFERS
-    largest = max((t.numel for t in tensors if t.action == "merge"), default=0)
     planned: list[TensorPlan] = []
-    peak_tensor = largest * buffers * csize
+    budget = None
     if max_memory is not None:
         budget = max_memory - FIXED_OVERHEAD_BYTES
         if budget <= 0:
@@ -218,24 +222,30 @@ def build_plan(
                 f"--max-memory {_fmt_bytes(max_memory)} is below the fixed overhead of "
                 f"{_fmt_bytes(FIXED_OVERHEAD_BYTES)}"
             )
-        peak_tensor = 0
-        for t in tensors:
+    peak_tensor = 0
+    for t in tensors:
+        rows = None
+        need = t.numel * buffers * csize
+        if t.action == "merge" and budget is not None and need > budget:
+            if not elementwise or len(t.shape) < 2:
+                raise ValueError(
+                    f"tensor {t.name!r} ({t.numel:,} elements) needs about {_fmt_bytes(need)} with "
+                    f"{n} models, over --max-memory; method {method.name!r} with these options cannot "
+                    "split a tensor into row chunks"
+                )
+            row_bytes = (t.numel // t.shape[0]) * buffers * csize
+            rows = max(1, budget // row_bytes)
+        if t.action == "merge" and elementwise and len(t.shape) >= 2 and t.numel > CACHE_CHUNK_ELEMENTS:
+            cache_rows = max(1, CACHE_CHUNK_ELEMENTS // max(1, t.numel // t.shape[0]))
+            rows = cache_rows if rows is None else min(rows, cache_rows)
+        if rows is not None and rows >= t.shape[0]:
             rows = None
-            need = t.numel * buffers * csize
-            if t.action == "merge" and need > budget:
-                if not elementwise or len(t.shape) < 2:
-                    raise ValueError(
-                        f"tensor {t.name!r} ({t.numel:,} elements) needs about {_fmt_bytes(need)} with "
-                        f"{n} models, over --max-memory; method {method.name!r} with these options cannot "
-                        "split a tensor into row chunks"
-                    )
-                row_bytes = (t.numel // t.shape[0]) * buffers * csize
-                rows = max(1, budget // row_bytes)
-                need = rows * row_bytes
-            if t.action == "merge":
-                peak_tensor = max(peak_tensor, need)
-            planned.append(TensorPlan(t.name, t.shape, t.out_dtype, t.action, t.reason, rows))
-        tensors = planned
+        if rows is not None:
+            need = rows * (t.numel // t.shape[0]) * buffers * csize
+        if t.action == "merge":
+            peak_tensor = max(peak_tensor, need)
+        planned.append(TensorPlan(t.name, t.shape, t.out_dtype, t.action, t.reason, rows))
+    tensors = planned
     return MergePlan(
         method=method,
         n_models=n,
