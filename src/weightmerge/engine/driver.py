@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from weightmerge.engine.select import RadixSelect
+from weightmerge.engine.select import RadixSelect, SampleSelect
 from weightmerge.methods.base import EMRTensor, MethodSpec, OrderStat, Reduce, StatRequest, TensorCtx
 
 Rows = tuple[int, int] | None  # [start, stop) along dim 0, or None for the whole tensor
@@ -129,14 +129,27 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, op: str) -> torch.Tensor:
     return torch.maximum(a, b) if op == "max" else torch.minimum(a, b)
 
 
+def _total_per_row(inp: MergeInputs) -> int:
+    total = 0
+    for name in inp.names:
+        numel = 1
+        for d in inp.shapes[name]:
+            numel *= d
+        total += numel
+    return total
+
+
 def _run_pass(
     inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest], stats: dict[str, torch.Tensor]
 ) -> None:
+    """One statistics pass: a sweep for the reductions and the order statistics' samples, then
+    (order statistics only) a gathering sweep; rows whose sample missed fall back to the radix
+    select (two more sweeps, and four more to make float64 values exact)."""
     reduces = [r for r in requests if isinstance(r, Reduce)]
     orders = [r for r in requests if isinstance(r, OrderStat)]
     n = len(inp.models)
-    selects = {o.key: RadixSelect(n, what=o.key) for o in orders}
-    wide: set[str] = set()  # order statistics whose fn yields float64: refined to exact float64
+    total = _total_per_row(inp)
+    samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
     ranks: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
     pending: dict[str, list[torch.Tensor]] = {r.key: [] for r in reduces}
@@ -168,34 +181,52 @@ def _run_pass(
         for r in reduces:
             pending[r.key].append(r.fn(ctx).to(device="cpu", dtype=torch.float64))
         for o in orders:
-            values = o.fn(ctx)
-            if values.dtype == torch.float64:
-                wide.add(o.key)
-            selects[o.key].add_level1(values, name)
+            samplers[o.key].add_sample(o.fn(ctx), name)
     if current is not None and reduces:
         close_tensor(current)
-    for o in orders:
-        sel = selects[o.key]
-        if int(sel.count.min()) == 0:
-            raise ValueError(
-                f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)"
-            )
-        ranks[o.key] = torch.tensor([o.rank(int(c)) for c in sel.count], dtype=torch.int64)
-        sel.finish_level1(ranks[o.key])
-    if orders:
-        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-            if inp.progress:
-                inp.progress("stats", name)
-            ctx = _ctx(inp, name, rows, base, x, stats)
-            for o in orders:
-                selects[o.key].add_level2(o.fn(ctx), name)
     for r in reduces:
         t = totals[r.key]
         stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
+    if not orders:
+        return
     for o in orders:
-        stats[o.key] = selects[o.key].finish_level2()
+        sampler = samplers[o.key]
+        if sampler.count == 0:
+            raise ValueError(
+                f"statistic {o.key!r} of method {method.name!r}: no values to rank (empty model?)"
+            )
+        ranks[o.key] = torch.full((n,), o.rank(sampler.count), dtype=torch.int64)
+        sampler.set_ranks(ranks[o.key])
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+        if inp.progress:
+            inp.progress("stats", name)
+        ctx = _ctx(inp, name, rows, base, x, stats)
+        for o in orders:
+            samplers[o.key].add_gather(o.fn(ctx), name)
+    missed: list[OrderStat] = []
+    for o in orders:
+        found = samplers[o.key].finish()
+        stats[o.key] = found
+        if bool(torch.isnan(found).any()):
+            missed.append(o)
+    if missed:
+        _radix_fallback(inp, method, missed, ranks, stats)
+
+
+def _radix_fallback(
+    inp: MergeInputs,
+    method: MethodSpec,
+    orders: Sequence[OrderStat],
+    ranks: Mapping[str, torch.Tensor],
+    stats: dict[str, torch.Tensor],
+) -> None:
+    """The order statistics whose sampled window missed, by the radix select (every row)."""
+    found = _select_sweeps(inp, method, {o.key: o.fn for o in orders}, ranks, stats)
+    wide = [o for o in orders if stats[o.key].dtype == torch.float64]
+    for o in orders:
+        stats[o.key] = found[o.key]
     if wide:
-        _refine_float64(inp, method, [o for o in orders if o.key in wide], ranks, stats)
+        _refine_float64(inp, method, wide, ranks, stats)
 
 
 def _select_sweeps(

@@ -142,7 +142,7 @@ def ties_combine(
 def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, rescale: bool, name: str) -> None:
     """Trim each model row of ``x`` (n, *shape) in place by its own magnitude ranking."""
     if bool(torch.isnan(x).any()):
-        raise ValueError(f"ties: NaN in the task vectors of tensor {name!r}")
+        raise _nan_error(name)
     for i, d in enumerate(densities):
         row = x[i]
         rank = threshold_rank(numel=row.numel(), density=d, variant=variant)
@@ -153,6 +153,154 @@ def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, resc
         row.masked_fill_(~keep.reshape(row.shape), 0.0)
         if rescale:
             row.mul_(l1_factor(before, row.abs().sum()))
+
+
+# Per-tensor scope, blocked (CPU fast path: mergekit variant, no rescale; same bits as above)
+
+SAMPLE_SIZE = 1 << 16  # strided sample that brackets the threshold
+BLOCK = 1 << 18  # elements per row and block: n blocks of |tau| stay in the L2/L3 caches
+SELECT_DIRECT = 1 << 17  # rows up to this size: one kthvalue is cheaper than sampling
+
+
+def _nan_error(name: str) -> ValueError:
+    return ValueError(f"ties: NaN in the task vectors of tensor {name!r}")
+
+
+def kth_largest_counts(mag: Tensor, rank: int, *, name: str, block: int = BLOCK) -> tuple[Tensor, int, int]:
+    """``(thr, n_gt, n_eq)`` for a flat non-negative vector: its ``rank``-th largest value and how
+    many entries are above / equal to it. Exact (the value ``torch.kthvalue`` gives).
+
+    A strided sample brackets the threshold in a window of ranks; one blocked pass counts the
+    entries below the window and gathers those inside it, and a ``kthvalue`` over the gathered
+    few finds the value. If the sample misjudged (the threshold is outside the window), a full
+    ``kthvalue`` decides. Raises on NaN."""
+    n = mag.numel()
+    k = n - rank + 1  # 1-based ascending
+    if n <= SELECT_DIRECT:
+        if bool(torch.isnan(mag).any()):
+            raise _nan_error(name)
+        thr = torch.kthvalue(mag, k).values
+        return thr, int((mag > thr).sum()), int((mag == thr).sum())
+    step = max(1, n // SAMPLE_SIZE)
+    sample = torch.sort(mag[::step]).values
+    s = sample.numel()
+    q = k / n
+    margin = 8.0 * (s * q * (1.0 - q)) ** 0.5 + 16.0
+    lo_i, hi_i = int(q * s - margin), int(q * s + margin)  # 0-based sample positions
+    lo = sample[lo_i] if lo_i > 0 else None
+    hi = sample[hi_i] if hi_i < s - 1 else None
+    below = 0
+    parts: list[Tensor] = []
+    for c0 in range(0, n, block):
+        blk = mag[c0 : c0 + block]
+        if bool(torch.isnan(blk.sum())):  # a sum of magnitudes is NaN only if an entry is
+            raise _nan_error(name)
+        inside: Tensor | None = None
+        if lo is not None:
+            lt = blk < lo
+            below += int(lt.sum())
+            inside = lt.logical_not_()
+        if hi is not None:
+            le = blk <= hi
+            inside = le if inside is None else inside.logical_and_(le)
+        parts.append(blk if inside is None else blk[inside])
+    cand = torch.cat(parts)
+    if below < k <= below + cand.numel():
+        thr = torch.kthvalue(cand, k - below).values
+        n_eq = int((cand == thr).sum())
+        return thr, n - below - int((cand <= thr).sum()), n_eq
+    thr = torch.kthvalue(mag, k).values  # the sample missed: exact, the slow way
+    return thr, int((mag > thr).sum()), int((mag == thr).sum())
+
+
+class _RowCut:
+    """How one model row is trimmed while the blocks stream by: keep |tau| > thr, plus the first
+    ``ties_left`` entries equal to thr (all of them when ``ties_left`` is None)."""
+
+    __slots__ = ("thr", "ties_left")
+
+    def __init__(self, thr: Tensor, ties_left: int | None) -> None:
+        self.thr = thr
+        self.ties_left = ties_left
+
+    def drop(self, mag: Tensor) -> Tensor:
+        """Bool mask of the entries of this block of the row to zero (advances the tie count)."""
+        if self.ties_left is None:
+            return mag < self.thr
+        if self.ties_left == 0:
+            return mag <= self.thr
+        eq = mag == self.thr
+        n_eq = int(eq.sum())
+        if n_eq <= self.ties_left:
+            self.ties_left -= n_eq
+            return mag < self.thr
+        cut = int(eq.nonzero()[self.ties_left, 0])  # first tie that is not kept
+        drop = mag < self.thr
+        drop[cut:] |= eq[cut:]
+        self.ties_left = 0
+        return drop
+
+
+def ties_per_tensor_blocked(
+    base: Tensor,
+    x: Tensor,
+    densities: Sequence[float],
+    weights: Tensor,
+    *,
+    lam: float,
+    normalize: bool,
+    name: str,
+    block: int = BLOCK,
+) -> Tensor:
+    """mergekit-variant per-tensor TIES without rescale, equal bit for bit to ``trim_per_tensor``
+    followed by ``ties_combine``: exact thresholds by sampled selection, then trim, vote and
+    disjoint merge one column block at a time, so every step works on cache-resident data.
+    ``x`` (n, *shape) is overwritten."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    d = flat.shape[1]
+    cuts: list[_RowCut | None] = []
+    for i, dens in enumerate(densities):
+        rank = threshold_rank(numel=d, density=dens, variant="mergekit")
+        if rank is None:
+            cuts.append(None)
+            continue
+        thr, n_gt, n_eq = kth_largest_counts(flat[i].abs(), rank, name=name, block=block)
+        need = rank - n_gt
+        cuts.append(_RowCut(thr, None if n_eq == need else need))
+    out = torch.empty_like(base)
+    out_flat = out.reshape(-1)
+    base_flat = base.reshape(-1)
+    unit = bool((weights == 1).all())  # x * 1 == x and a sum of 0/1 counts is exact: skip both
+    w = model_view(weights, flat)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    for c0 in range(0, d, block):
+        xb = flat[:, c0 : c0 + block]
+        mb = xb.abs()
+        for i, cut in enumerate(cuts):
+            if cut is not None:  # trimmed rows were NaN-checked by the selection pass
+                xb[i].masked_fill_(cut.drop(mb[i]), 0.0)
+            elif bool(torch.isnan(mb[i].sum())):
+                raise _nan_error(name)
+        del mb
+        if not unit:
+            xb.mul_(w)
+        total = xb.sum(dim=0)
+        elected = torch.where(total < 0, -one, one)  # mergekit: a zero sum elects +1
+        disagree = (xb * elected) <= 0  # v_i * elected <= 0: v_i is zero or of the other sign
+        if normalize:
+            if unit:
+                divisor = disagree.logical_not().sum(dim=0, dtype=x.dtype)
+            else:
+                divisor = torch.where(disagree, torch.zeros((), dtype=x.dtype), w).sum(dim=0)
+            divisor = torch.where(divisor == 0, one, divisor)
+        mixed = xb.masked_fill_(disagree, 0.0).sum(dim=0)
+        if normalize:
+            mixed = mixed / divisor
+        if lam != 1:
+            mixed = mixed * lam
+        torch.add(base_flat[c0 : c0 + block], mixed, out=out_flat[c0 : c0 + block])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +397,11 @@ def _apply(ctx: TensorCtx) -> Tensor:
             x.mul_(model_view(_rescale_factors(ctx.stats, x.dtype), x))
         if variant == "paper":
             majority = torch.sign(ctx.stats[MAJORITY][0]).to(x.dtype)
+    elif variant == "mergekit" and not rescale and x.device.type == "cpu":
+        w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
+        return ties_per_tensor_blocked(
+            ctx.base, x, densities, w, lam=float(p["lambda"]), normalize=effective_normalize(p), name=ctx.name
+        )
     else:
         trim_per_tensor(x, densities, variant=variant, rescale=rescale, name=ctx.name)
     w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
