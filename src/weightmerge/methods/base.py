@@ -16,10 +16,11 @@ Statistics are declared, never computed ad hoc:
   reduces across tensors in sorted-name order.
 * :class:`OrderStat` -- an exact order statistic per model row over the whole model: the value of
   rank ``rank(D)`` (0-based, ascending) of the float32 values ``fn`` yields, where ``D`` is the
-  total number of values per row. Found by an exact two-level radix select (two passes over the
-  data, 2 x 65536 counters per row), never by materialising the model. When ``fn`` yields float64
-  values (float64 compute), the statistic is made exact in float64 by two more selections on the
-  residuals (4 more sweeps; see ``engine.driver._refine_float64``).
+  total number of values per row. Found exactly in two sweeps (a stratified sample brackets the
+  rank, then the values inside the bracket are gathered and selected: ``engine.select.SampleSelect``),
+  never by materialising the model, in ``fn``'s dtype (float32 or float64). If the bracket missed,
+  a two-level radix select decides (two more sweeps; float64 then four more on the residuals, see
+  ``engine.driver._refine_float64``).
 
 Stats produced by pass *k* are visible (``ctx.stats``) to the functions of later passes and to
 ``apply``.
