@@ -340,7 +340,7 @@ def test_config_errors(doc, message: str) -> None:
 def test_builtin_configs_name_real_tasks_and_methods() -> None:
     from weightmerge.eval.tasks import BUILTIN_HELD_IN, available_tasks
 
-    for name in ("demo", "benchmark", "benchmark-defaults", "benchmark-tuned"):
+    for name in ("demo", "benchmark", "benchmark-defaults", "benchmark-tuned", "benchmark-scope"):
         cfg = builtin_config(name)
         assert set(cfg.tasks) | set(cfg.held_out) <= set(available_tasks()), name
     full = builtin_config("benchmark")
@@ -358,6 +358,14 @@ def test_builtin_configs_name_real_tasks_and_methods() -> None:
         ), name
         assert all(m.params == defaults[m.name] for m in cfg.methods), name
     assert not any(m.grid for m in builtin_config("benchmark-defaults").methods)
+    scope = builtin_config("benchmark-scope")  # the same experts as benchmark-defaults
+    assert (scope.tasks, scope.seeds, scope.sizes) == (full.tasks, full.seeds, full.sizes)
+    assert {(m.method, m.params.get("scope")) for m in scope.methods} >= {
+        ("ties", None),
+        ("ties", "global"),
+        ("pcb", None),
+        ("pcb", "per_tensor"),
+    }
     assert [m.name for m in builtin_config("benchmark-defaults").methods] == list(defaults)
 
 
