@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from weightmerge.engine.select import sample_positions
 from weightmerge.methods._sign import agreement, elect_sign, majority_sign, merge_agreeing, model_view
 from weightmerge.methods.base import (
     MethodSpec,
@@ -182,7 +183,7 @@ def kth_largest_counts(mag: Tensor, rank: int, *, name: str, block: int = BLOCK)
         thr = torch.kthvalue(mag, k).values
         return thr, int((mag > thr).sum()), int((mag == thr).sum())
     step = max(1, n // SAMPLE_SIZE)
-    sample = torch.sort(mag[::step]).values
+    sample = torch.sort(mag[sample_positions(0, n, step).to(mag.device)]).values  # stratified: no aliasing
     s = sample.numel()
     q = k / n
     margin = 8.0 * (s * q * (1.0 - q)) ** 0.5 + 16.0
