@@ -7,6 +7,7 @@ memory-mapped checkpoint slices; that is what makes streaming equal in-memory bi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,16 +130,6 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, op: str) -> torch.Tensor:
     return torch.maximum(a, b) if op == "max" else torch.minimum(a, b)
 
 
-def _total_per_row(inp: MergeInputs) -> int:
-    total = 0
-    for name in inp.names:
-        numel = 1
-        for d in inp.shapes[name]:
-            numel *= d
-        total += numel
-    return total
-
-
 def _run_pass(
     inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest], stats: dict[str, torch.Tensor]
 ) -> None:
@@ -148,7 +139,7 @@ def _run_pass(
     reduces = [r for r in requests if isinstance(r, Reduce)]
     orders = [r for r in requests if isinstance(r, OrderStat)]
     n = len(inp.models)
-    total = _total_per_row(inp)
+    total = sum(math.prod(inp.shapes[name]) for name in inp.names)  # values per row
     samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
     ranks: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
@@ -165,10 +156,7 @@ def _run_pass(
                 else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
             )
             if r.per_tensor_mean:
-                numel = 1
-                for s in inp.shapes[name]:
-                    numel *= s
-                red = red / max(numel, 1)
+                red = red / max(math.prod(inp.shapes[name]), 1)
             totals[r.key] = _combine(totals[r.key], red, r.op)
 
     for name, rows, base, x in _iter_loaded(inp, method, chunked=True):

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from weightmerge.methods._sample import sample_positions, window_ranks
+
 BUCKETS = 1 << 16
 
 
@@ -102,35 +104,6 @@ def sample_size(total: int) -> int:
     return max(1, min(total, max(1 << 16, int(4 * total ** (2 / 3)))))
 
 
-def window_ranks(rank: int, total: int, s: int) -> tuple[int, int]:
-    """0-based positions (lo, hi) in a sorted sample of ``s`` values out of ``total`` between which
-    the value of ``rank`` (0-based, of ``total``) lies unless the sample is off by more than eight
-    standard deviations of a random sample's rank (plus 16)."""
-    q = (rank + 0.5) / total
-    margin = 8.0 * math.sqrt(s * q * (1.0 - q)) + 16.0
-    return int(q * s - margin), int(q * s + margin) + 1
-
-
-def _mix32(j: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 ``j`` (multiply, xor-shift; no int64 overflow)."""
-    h = (j * 1540483477) % (1 << 32)
-    h = h ^ (h >> 15)
-    h = (h * 1540483477) % (1 << 32)
-    return h ^ (h >> 13)
-
-
-def sample_positions(start: int, m: int, step: int) -> torch.Tensor:
-    """Positions in ``[0, m)`` of the sampled values among the stream's values ``[start, start + m)``:
-    one per stride ``[j*step, (j+1)*step)`` of the whole stream, at a hashed offset inside it
-    (a stratified sample). A plain stride would alias with the tensors' row length (a stride that
-    divides 768 samples the same columns of every row, and columns differ)."""
-    if step == 1:
-        return torch.arange(m)
-    j = torch.arange(start // step, (start + m - 1) // step + 1, dtype=torch.int64)
-    pos = j * step + _mix32(j) % step - start
-    return pos[(pos >= 0) & (pos < m)]
-
-
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """True entries per row of a bool (n, m) mask, int64 on the CPU (a uint8 sum: several times
     faster than summing bools; m < 2^31)."""
@@ -150,23 +123,22 @@ class SampleSelect:
 
     Sweep 1 (``add_sample``) keeps one value in every ``step`` of each row, at hashed positions
     counted over the whole stream (``sample_positions``), so the sample does not depend on how the
-    data is chunked. ``set_ranks`` sorts
-    the sample and picks, per row, a window [lo, hi] of sample values that brackets the wanted rank
-    with overwhelming probability. Sweep 2 (``add_gather``) counts the values below lo, equal to lo
-    and equal to hi, and keeps those strictly inside (lo, hi). ``finish`` then reads the answer off
-    the counts or selects it among the gathered values (``kthvalue``), exactly, in the values' own
-    dtype (float64 needs no refinement). A row whose window missed the rank, or whose gathered
-    values pass ``cap``, reports failure (NaN), and the caller falls back to :class:`RadixSelect`:
-    the answer is exact either way. -0.0 is answered as +0.0, like the radix select."""
+    data is chunked. ``set_ranks`` sorts the sample and picks, per row, a window [lo, hi] of sample
+    values that brackets the wanted rank with overwhelming probability. Sweep 2 (``add_gather``)
+    counts the values below lo, equal to lo and equal to hi, and keeps those strictly inside
+    (lo, hi). ``finish`` then reads the answer off the counts or selects it among the gathered
+    values (``kthvalue``), exactly, in the values' own dtype (float64 needs no refinement). A row
+    whose window missed the rank, or whose gathered values pass ``cap``, reports failure (NaN),
+    and the caller falls back to :class:`RadixSelect`: the answer is exact either way. -0.0 is
+    answered as +0.0, like the radix select."""
 
     def __init__(self, n_rows: int, total: int, what: str = "values", *, cap: int | None = None) -> None:
         self.n = n_rows
         self.what = what
-        self.total = total
         self.step = max(1, total // sample_size(max(total, 1)))
-        s = max(1, -(-total // self.step))  # sample size
+        self.sample_len = max(1, -(-total // self.step))  # one value per stride
         # a window is ~2 x 8 sigma / s of D wide at most (q = 1/2); 4x that is room enough
-        self.cap = cap if cap is not None else max(1 << 22, int(64 * total / math.sqrt(s)))
+        self.cap = cap if cap is not None else max(1 << 22, int(64 * total / math.sqrt(self.sample_len)))
         self.pos = 0
         # preallocated once (untouched pages cost nothing): many small kept pieces between big
         # short-lived temporaries would fragment the heap and keep the process's RSS high
@@ -183,19 +155,19 @@ class SampleSelect:
         self.failed = [False] * n_rows
         self.seen = 0
 
-    def _check(self, values: torch.Tensor, name: str) -> None:
+    def _check_shape(self, values: torch.Tensor) -> None:
         if values.dim() != 2 or values.shape[0] != self.n:
             raise ValueError(f"expected ({self.n}, m) values, got {tuple(values.shape)}")
-        if not no_nan(values):
-            raise ValueError(f"NaN in {self.what} of tensor {name!r}: cannot rank")
 
     def add_sample(self, values: torch.Tensor, name: str = "?") -> None:
-        self._check(values, name)
+        self._check_shape(values)
+        if not no_nan(values):  # the gathering sweep sees the same values: checked once, here
+            raise ValueError(f"NaN in {self.what} of tensor {name!r}: cannot rank")
         m = values.shape[1]
         idx = sample_positions(self.pos, m, self.step)
         if idx.numel():
             if self.sample is None:
-                self.sample = torch.empty((self.n, -(-self.total // self.step)), dtype=values.dtype)
+                self.sample = torch.empty((self.n, self.sample_len), dtype=values.dtype)
             k = idx.numel()
             self.sample[:, self.n_sampled : self.n_sampled + k] = values[:, idx.to(values.device)]
             self.n_sampled += k
@@ -225,8 +197,7 @@ class SampleSelect:
 
     def add_gather(self, values: torch.Tensor, name: str = "?") -> None:
         assert self.lo is not None and self.hi is not None, "set_ranks first"
-        if values.dim() != 2 or values.shape[0] != self.n:
-            raise ValueError(f"expected ({self.n}, m) values, got {tuple(values.shape)}")
+        self._check_shape(values)
         lo, hi = self.lo.to(values.device), self.hi.to(values.device)
         below = _count(values < lo)
         le_lo = values <= lo

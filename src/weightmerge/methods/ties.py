@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from weightmerge.engine.select import sample_positions
+from weightmerge.methods._sample import sample_positions, window_ranks
 from weightmerge.methods._sign import agreement, elect_sign, majority_sign, merge_agreeing, model_view
 from weightmerge.methods.base import (
     MethodSpec,
@@ -158,7 +158,7 @@ def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, resc
 
 # Per-tensor scope, blocked (CPU fast path: mergekit variant, no rescale; same bits as above)
 
-SAMPLE_SIZE = 1 << 16  # strided sample that brackets the threshold
+SAMPLE_SIZE = 1 << 16  # stratified sample that brackets the threshold
 BLOCK = 1 << 18  # elements per row and block: n blocks of |tau| stay in the L2/L3 caches
 SELECT_DIRECT = 1 << 17  # rows up to this size: one kthvalue is cheaper than sampling
 
@@ -167,33 +167,37 @@ def _nan_error(name: str) -> ValueError:
     return ValueError(f"ties: NaN in the task vectors of tensor {name!r}")
 
 
-def kth_largest_counts(mag: Tensor, rank: int, *, name: str, block: int = BLOCK) -> tuple[Tensor, int, int]:
-    """``(thr, n_gt, n_eq)`` for a flat non-negative vector: its ``rank``-th largest value and how
-    many entries are above / equal to it. Exact (the value ``torch.kthvalue`` gives).
+def _kth_counts(mag: Tensor, k: int) -> tuple[Tensor, int, int]:
+    """(k-th smallest of ``mag``, entries above it, entries equal to it), by one ``kthvalue``."""
+    thr = torch.kthvalue(mag, k).values
+    return thr, int((mag > thr).sum()), int((mag == thr).sum())
 
-    A strided sample brackets the threshold in a window of ranks; one blocked pass counts the
-    entries below the window and gathers those inside it, and a ``kthvalue`` over the gathered
-    few finds the value. If the sample misjudged (the threshold is outside the window), a full
-    ``kthvalue`` decides. Raises on NaN."""
-    n = mag.numel()
+
+def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK) -> tuple[Tensor, int, int]:
+    """``(thr, n_gt, n_eq)`` for the magnitudes of a flat vector ``row``: their ``rank``-th largest
+    value and how many are above / equal to it. Exact (the value ``torch.kthvalue`` gives).
+
+    A stratified sample brackets the threshold in a window of ranks (``window_ranks``); one
+    blocked pass takes |row| a block at a time, counts the entries below the window and gathers
+    those inside it, and a ``kthvalue`` over the gathered few finds the value. If the sample
+    misjudged (the threshold is outside the window), a full ``kthvalue`` decides. Raises on NaN."""
+    n = row.numel()
     k = n - rank + 1  # 1-based ascending
     if n <= SELECT_DIRECT:
+        mag = row.abs()
         if bool(torch.isnan(mag).any()):
             raise _nan_error(name)
-        thr = torch.kthvalue(mag, k).values
-        return thr, int((mag > thr).sum()), int((mag == thr).sum())
+        return _kth_counts(mag, k)
     step = max(1, n // SAMPLE_SIZE)
-    sample = torch.sort(mag[sample_positions(0, n, step).to(mag.device)]).values  # stratified: no aliasing
+    sample = torch.sort(row[sample_positions(0, n, step).to(row.device)].abs()).values
     s = sample.numel()
-    q = k / n
-    margin = 8.0 * (s * q * (1.0 - q)) ** 0.5 + 16.0
-    lo_i, hi_i = int(q * s - margin), int(q * s + margin)  # 0-based sample positions
+    lo_i, hi_i = window_ranks(k - 1, n, s)  # 0-based sample positions
     lo = sample[lo_i] if lo_i > 0 else None
     hi = sample[hi_i] if hi_i < s - 1 else None
     below = 0
     parts: list[Tensor] = []
     for c0 in range(0, n, block):
-        blk = mag[c0 : c0 + block]
+        blk = row[c0 : c0 + block].abs()
         if bool(torch.isnan(blk.sum())):  # a sum of magnitudes is NaN only if an entry is
             raise _nan_error(name)
         inside: Tensor | None = None
@@ -210,8 +214,7 @@ def kth_largest_counts(mag: Tensor, rank: int, *, name: str, block: int = BLOCK)
         thr = torch.kthvalue(cand, k - below).values
         n_eq = int((cand == thr).sum())
         return thr, n - below - int((cand <= thr).sum()), n_eq
-    thr = torch.kthvalue(mag, k).values  # the sample missed: exact, the slow way
-    return thr, int((mag > thr).sum()), int((mag == thr).sum())
+    return _kth_counts(row.abs(), k)  # the sample missed: exact, the slow way
 
 
 class _RowCut:
@@ -266,7 +269,7 @@ def ties_per_tensor_blocked(
         if rank is None:
             cuts.append(None)
             continue
-        thr, n_gt, n_eq = kth_largest_counts(flat[i].abs(), rank, name=name, block=block)
+        thr, n_gt, n_eq = kth_largest_counts(flat[i], rank, name=name, block=block)
         need = rank - n_gt
         cuts.append(_RowCut(thr, None if n_eq == need else need))
     out = torch.empty_like(base)
