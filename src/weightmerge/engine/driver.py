@@ -85,16 +85,34 @@ def _iter_loaded(
         for name, rows in jobs:
             base, x = _load(inp, method, name, rows)
             yield name, rows, base, x
+            del base, x  # before the next load: do not hold two jobs
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
+    elem = torch.empty((), dtype=inp.compute_dtype).element_size()
+    held = [_job_bytes(inp.shapes[name], rows, len(inp.models) + 1, elem) for name, rows in jobs]
+    limit = max(max(held), PREFETCH_OVERLAP_BYTES)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-read") as pool:
+        fut: Future[tuple[torch.Tensor | None, torch.Tensor]] | None
         fut = pool.submit(_load, inp, method, *jobs[0])
         for k, (name, rows) in enumerate(jobs):
-            base, x = fut.result()
-            if k + 1 < len(jobs):
+            base, x = fut.result() if fut is not None else _load(inp, method, name, rows)
+            fut = None
+            if k + 1 < len(jobs) and held[k] + held[k + 1] <= limit:
                 fut = pool.submit(_load, inp, method, *jobs[k + 1])
             yield name, rows, base, x
+            del base, x  # the consumer drops its references too (see run_merge)
+
+
+PREFETCH_OVERLAP_BYTES = 256 << 20  # read ahead while computing only if both fit in this (or the largest job)
+
+
+def _job_bytes(shape: tuple[int, ...], rows: Rows, copies: int, elem: int) -> int:
+    """Bytes the driver holds for one job's inputs: ``copies`` compute-dtype copies of the rows.
+    Two large jobs in a row (e.g. an embedding next to an LM head) are not overlapped, so peak
+    memory is set by the largest job, not by the two largest."""
+    numel = math.prod(shape) if rows is None else (rows[1] - rows[0]) * math.prod(shape[1:])
+    return numel * copies * elem
 
 
 def _ctx(
@@ -308,4 +326,5 @@ def run_merge(
             inp.progress("apply", name)
         out = method.apply(_ctx(inp, name, rows, base, x, stats))
         emit(name, rows, out)
+        del base, x, out  # free this job's buffers before the generator loads the next one
     return MergeOutcome(stats=stats, extras=method.finalize(stats, inp.model_params))

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from weightmerge.methods import _kernels
 from weightmerge.methods._sample import sample_positions, window_ranks
 
 BUCKETS = 1 << 16
@@ -198,6 +199,22 @@ class SampleSelect:
     def add_gather(self, values: torch.Tensor, name: str = "?") -> None:
         assert self.lo is not None and self.hi is not None, "set_ranks first"
         self._check_shape(values)
+        if values.dtype == self.lo.dtype and _kernels.usable(values):  # one fused pass, same result
+            if self.cand is None:
+                self.cand = torch.empty((self.n, self.cap + 1), dtype=values.dtype)
+            _kernels.window_counts(
+                values,
+                self.lo,
+                self.hi,
+                self.cand,
+                self.kept,
+                self.failed,
+                self.below,
+                self.eq_lo,
+                self.eq_hi,
+            )
+            self.seen += values.shape[1]
+            return
         lo, hi = self.lo.to(values.device), self.hi.to(values.device)
         below = _count(values < lo)
         le_lo = values <= lo
@@ -215,8 +232,8 @@ class SampleSelect:
             if self.kept[i] + counts[i] > self.cap:
                 self.failed[i] = True
                 continue
-            if self.cand is None:
-                self.cand = torch.empty((self.n, self.cap), dtype=values.dtype)
+            if self.cand is None:  # one spare column (for the fused kernel's branch-free writes)
+                self.cand = torch.empty((self.n, self.cap + 1), dtype=values.dtype)
             self.cand[i, self.kept[i] : self.kept[i] + counts[i]] = values[i][inside[i]]
             self.kept[i] += counts[i]
         self.seen += values.shape[1]

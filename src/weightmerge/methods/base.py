@@ -76,6 +76,9 @@ class TensorCtx:
     full_shape: tuple[int, ...]
     row_start: int = 0  # chunk rows along dim 0 (0 for a whole tensor)
     aux: Mapping[str, Tensor] = field(default_factory=dict)  # per-tensor statistics, e.g. fisher
+    # values several statistics of one pass share (e.g. PCB's |T| for lo and hi), computed once per
+    # chunk and sweep; a method's own cache, keyed by the method's names
+    memo: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_models(self) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from weightmerge.methods import _kernels
 from weightmerge.methods._random import uniform
 from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
@@ -79,6 +80,30 @@ def consensus_sum(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor
     return merge_agreeing(deltas, weights, agree, normalize=normalize)
 
 
+def _consensus_kernel(
+    base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool, lam: float
+) -> Tensor:
+    """``base + lam * consensus_sum(deltas)`` by the fused TIES kernel with no trim: the same
+    operations in the same order as the torch path, in one pass."""
+    n = deltas.shape[0]
+    merged, _ = _kernels.ties_merge(
+        deltas.reshape(n, -1),
+        base.reshape(-1),
+        weights,
+        torch.zeros(n, dtype=deltas.dtype),
+        torch.zeros(n, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.bool),
+        unit=bool((weights == 1).all()),
+        normalize=normalize,
+        lam=lam,
+        block=KERNEL_BLOCK,
+    )
+    return merged.reshape(base.shape)
+
+
+KERNEL_BLOCK = 1 << 14
+
+
 def _finish(ctx: TensorCtx, mixed: Tensor) -> Tensor:
     assert ctx.base is not None
     lam = float(ctx.params["lambda"])
@@ -98,6 +123,10 @@ def _apply_ties(ctx: TensorCtx) -> Tensor:
     p = ctx.params
     x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
     w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
+    assert ctx.base is not None
+    if _kernels.usable(ctx.base, x):  # one fused pass, same bits as the torch path
+        lam = float(p["lambda"])
+        return _consensus_kernel(ctx.base, x, w, normalize=bool(p["normalize"]), lam=lam)
     return _finish(ctx, consensus_sum(x, w, normalize=bool(p["normalize"])))
 
 

@@ -92,23 +92,28 @@ def dare_drop(
 
 def clamp_magnitudes(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """A^ = min(max(|t|, lo), hi) per row (hi wins when lo > hi, like torch.clamp)."""
-    return torch.minimum(torch.maximum(t.abs(), lo), hi)
+    a = t.abs()
+    return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)  # in place: no temporaries
 
 
 def unit_magnitudes(a_hat: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Row-wise min-max of A^ given its bounds: min A^ = min(lo, hi), max A^ = hi; a constant row -> 0."""
     low = torch.minimum(lo, hi)
     span = hi - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (a_hat - low) / safe, torch.zeros_like(a_hat))
+    flat = span > 0
+    safe = torch.where(flat, span, torch.ones_like(span))
+    u = (a_hat - low).div_(safe)  # the same two ops as (a_hat - low) / safe, one temporary
+    if not bool(flat.all()):
+        u.masked_fill_(flat.logical_not(), 0.0)
+    return u
 
 
 def competition_scores(t: Tensor, u: Tensor, *, inter: str) -> Tensor:
     """beta = intra * inter, (n, m). ``t`` raw task vectors, ``u`` their unit clamped magnitudes."""
     n = t.shape[0]
-    intra = torch.exp(u * u * n - n)  # exp(n U^2) / e^n: a per-row constant factor, W unchanged
+    intra = (u * u).mul_(n).sub_(n).exp_()  # exp(n U^2) / e^n: a per-row constant factor, W unchanged
     if inter == "A":
-        cross = torch.tanh(t * t.sum(dim=0))
+        return intra.mul_((t * t.sum(dim=0)).tanh_())  # in place: the same ops, fewer temporaries
     else:
         v = torch.sign(t) * u
         if inter == "B":
@@ -123,9 +128,12 @@ def competition_scores(t: Tensor, u: Tensor, *, inter: str) -> Tensor:
 def drop_weights(beta: Tensor, thr: Tensor, beta_max: Tensor) -> Tensor:
     """W = (max(beta, thr) - thr) / (max beta - thr) per row; a row with max beta == thr -> 0."""
     span = beta_max - thr
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    w = (torch.maximum(beta, thr) - thr) / safe
-    return torch.where(span > 0, w, torch.zeros_like(w))
+    flat = span > 0
+    safe = torch.where(flat, span, torch.ones_like(span))
+    w = torch.maximum(beta, thr).sub_(thr).div_(safe)  # the ops of (max(beta, thr) - thr) / safe
+    if not bool(flat.all()):
+        w.masked_fill_(flat.logical_not(), 0.0)
+    return w
 
 
 def weighted_mix(w: Tensor, tc: Tensor, lam: Tensor) -> Tensor:
@@ -212,13 +220,19 @@ def _apply(ctx: TensorCtx) -> Tensor:
 
 
 def _magnitudes(ctx: TensorCtx) -> Tensor:
-    return _task_vectors(ctx, inplace=False).abs()
+    """|T| of the chunk; lo and hi rank the same values, so one sweep computes them once."""
+    if "pcb.abs" not in ctx.memo:
+        ctx.memo["pcb.abs"] = _task_vectors(ctx, inplace=False).abs()
+    return ctx.memo["pcb.abs"]
 
 
 def _global_beta(ctx: TensorCtx) -> Tensor:
-    t = _task_vectors(ctx, inplace=False)
-    lo, hi = _col(ctx.stats[LO], t), _col(ctx.stats[HI], t)
-    return _beta(t, lo, hi, inter=ctx.params["inter"])[1]
+    """beta of the chunk, computed once per sweep for the threshold and the row maximum."""
+    if "pcb.beta" not in ctx.memo:
+        t = _task_vectors(ctx, inplace=False)
+        lo, hi = _col(ctx.stats[LO], t), _col(ctx.stats[HI], t)
+        ctx.memo["pcb.beta"] = _beta(t, lo, hi, inter=ctx.params["inter"])[1]
+    return ctx.memo["pcb.beta"]
 
 
 def _beta_row_max(ctx: TensorCtx) -> Tensor:

@@ -30,12 +30,14 @@ gives the disjoint sum used by the ViT community setting.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
+from weightmerge.methods import _kernels
 from weightmerge.methods._sample import sample_positions, window_ranks
 from weightmerge.methods._sign import agreement, elect_sign, majority_sign, merge_agreeing, model_view
 from weightmerge.methods.base import (
@@ -160,6 +162,7 @@ def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, resc
 
 SAMPLE_SIZE = 1 << 16  # stratified sample that brackets the threshold
 BLOCK = 1 << 18  # elements per row and block: n blocks of |tau| stay in the L2/L3 caches
+KERNEL_BLOCK = 1 << 14  # columns per parallel work item of the fused kernel
 SELECT_DIRECT = 1 << 17  # rows up to this size: one kthvalue is cheaper than sampling
 
 
@@ -189,11 +192,17 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
             raise _nan_error(name)
         return _kth_counts(mag, k)
     step = max(1, n // SAMPLE_SIZE)
-    sample = torch.sort(row[sample_positions(0, n, step).to(row.device)].abs()).values
+    sample = torch.sort(row[_positions(n, step, row.device)].abs()).values
     s = sample.numel()
     lo_i, hi_i = window_ranks(k - 1, n, s)  # 0-based sample positions
     lo = sample[lo_i] if lo_i > 0 else None
     hi = sample[hi_i] if hi_i < s - 1 else None
+    if _kernels.usable(row):  # one fused pass: count below, gather inside, NaN check
+        expect = (min(hi_i, s - 1) - max(lo_i, 0) + 1) * n // s
+        below_k, cand_k, nan = _kernels.window_gather(row, lo, hi, cap=2 * expect + 4096)
+        if nan or cand_k is None:
+            raise _nan_error(name)
+        return _finish_window(row, k, below_k, cand_k)
     below = 0
     parts: list[Tensor] = []
     for c0 in range(0, n, block):
@@ -209,7 +218,19 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
             le = blk <= hi
             inside = le if inside is None else inside.logical_and_(le)
         parts.append(blk if inside is None else blk[inside])
-    cand = torch.cat(parts)
+    return _finish_window(row, k, below, torch.cat(parts))
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(n: int, step: int, device: torch.device) -> Tensor:
+    """``sample_positions(0, n, step)``, cached: every row of a tensor, and tensors of equal size,
+    sample the same positions. Read-only."""
+    return sample_positions(0, n, step).to(device)
+
+
+def _finish_window(row: Tensor, k: int, below: int, cand: Tensor) -> tuple[Tensor, int, int]:
+    """The k-th smallest magnitude from the ``below`` count and the gathered window ``cand``."""
+    n = row.numel()
     if below < k <= below + cand.numel():
         thr = torch.kthvalue(cand, k - below).values
         n_eq = int((cand == thr).sum())
@@ -272,6 +293,8 @@ def ties_per_tensor_blocked(
         thr, n_gt, n_eq = kth_largest_counts(flat[i], rank, name=name, block=block)
         need = rank - n_gt
         cuts.append(_RowCut(thr, None if n_eq == need else need))
+    if _kernels.usable(x, base):
+        return _ties_kernel(base, flat, cuts, weights, lam=lam, normalize=normalize, name=name)
     out = torch.empty_like(base)
     out_flat = out.reshape(-1)
     base_flat = base.reshape(-1)
@@ -290,8 +313,10 @@ def ties_per_tensor_blocked(
         if not unit:
             xb.mul_(w)
         total = xb.sum(dim=0)
-        elected = torch.where(total < 0, -one, one)  # mergekit: a zero sum elects +1
-        disagree = (xb * elected) <= 0  # v_i * elected <= 0: v_i is zero or of the other sign
+        elected = torch.where(total >= 0, one, -one)  # mergekit: +1 iff sum >= 0 (a NaN sum elects -1)
+        # agree: v_i * elected > 0 (a zero, another sign or a NaN -- inf * 0 weight -- disagrees,
+        # as in agreement() and mergekit's sign test)
+        disagree = ((xb * elected) > 0).logical_not_()
         if normalize:
             if unit:
                 divisor = disagree.logical_not().sum(dim=0, dtype=x.dtype)
@@ -305,6 +330,47 @@ def ties_per_tensor_blocked(
             mixed = mixed * lam
         torch.add(base_flat[c0 : c0 + block], mixed, out=out_flat[c0 : c0 + block])
     return out
+
+
+def _ties_kernel(
+    base: Tensor,
+    flat: Tensor,
+    cuts: Sequence[_RowCut | None],
+    weights: Tensor,
+    *,
+    lam: float,
+    normalize: bool,
+    name: str,
+) -> Tensor:
+    """The apply loop of ``ties_per_tensor_blocked`` as one fused kernel (same bits). A row's
+    partial tie count becomes a flat index: ties before it are kept, the rest dropped."""
+    n, d = flat.shape
+    thr = torch.zeros(n, dtype=flat.dtype)
+    cut = torch.full((n,), d, dtype=torch.int64)
+    trim = torch.zeros(n, dtype=torch.bool)
+    for i, c in enumerate(cuts):
+        if c is None:
+            continue
+        trim[i] = True
+        thr[i] = c.thr
+        if c.ties_left is not None:
+            cut[i] = _kernels.nth_equal_abs(flat[i], c.thr, c.ties_left)
+    unit = bool((weights == 1).all())
+    merged, nan = _kernels.ties_merge(
+        flat,
+        base.reshape(-1),
+        weights,
+        thr,
+        cut,
+        trim,
+        unit=unit,
+        normalize=normalize,
+        lam=lam,
+        block=KERNEL_BLOCK,
+    )
+    if nan:
+        raise _nan_error(name)
+    return merged.reshape(base.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +462,8 @@ def _apply(ctx: TensorCtx) -> Tensor:
     x = ctx.x
     majority: Tensor | None = None
     if effective_scope(p) == "global":
+        if not rescale and _kernels.usable(ctx.base, x):
+            return _global_kernel(ctx)
         trim_global(x, densities, ctx.stats, name=ctx.name, inplace=True)
         if rescale:
             x.mul_(model_view(_rescale_factors(ctx.stats, x.dtype), x))
@@ -418,6 +486,47 @@ def _apply(ctx: TensorCtx) -> Tensor:
         normalize=effective_normalize(p),
         majority=majority,
     )
+
+
+def _global_thresholds(densities: Sequence[float], stats: Mapping[str, Tensor], name: str) -> Tensor:
+    """Per-model global thresholds, +0 (keeps all) for density 1; the errors of ``trim_global``."""
+    thr = torch.zeros(len(densities), dtype=torch.float64)
+    for i, d in enumerate(densities):
+        if d >= 1:
+            continue
+        key = _thr_key(d)
+        if key not in stats:
+            trim_global(torch.zeros(len(densities), 1), densities, stats, name=name, inplace=True)  # raises
+        thr[i] = stats[key][i].to(torch.float64)
+    return thr
+
+
+def _global_kernel(ctx: TensorCtx) -> Tensor:
+    """Global-scope apply without rescale in one fused pass: ``trim_global`` then ``ties_combine``
+    with the model's majority sign (paper), the same bits."""
+    assert ctx.base is not None
+    p, x = ctx.params, ctx.x
+    densities = p["density"]
+    n = x.shape[0]
+    thr = _global_thresholds(densities, ctx.stats, ctx.name).to(x.dtype)  # as trim_global casts it
+    w = torch.tensor(p["weight"], dtype=x.dtype)
+    paper = p["variant"] == "paper"
+    zero_pos = bool(torch.sign(ctx.stats[MAJORITY][0]) > 0) if paper else True
+    merged, _ = _kernels.ties_merge(
+        x.reshape(n, -1),
+        ctx.base.reshape(-1),
+        w,
+        thr,
+        torch.full((n,), x[0].numel(), dtype=torch.int64),  # every tie kept: global trim drops only <
+        torch.tensor([d < 1 for d in densities]),
+        unit=bool((w == 1).all()),
+        normalize=effective_normalize(p),
+        lam=float(p["lambda"]),
+        block=KERNEL_BLOCK,
+        weighted_vote=not paper,
+        zero_pos=zero_pos,
+    )
+    return merged.reshape(ctx.base.shape)
 
 
 def _check(p: Mapping[str, Any], n: int) -> None:

@@ -1,0 +1,160 @@
+"""Access to the fused CPU kernels of ``_numba_kernels``: whether they can run on a tensor, and
+thin wrappers that take and return torch tensors (zero-copy numpy views).
+
+The kernels are used when numba imports, the tensor is a float32/float64 CPU tensor, and the
+environment does not say ``WEIGHTMERGE_KERNELS=0`` (which forces the torch code, for debugging
+or comparison; both give the same bits). numba compiles each kernel once per machine and caches
+the machine code (``NUMBA_CACHE_DIR`` moves the cache); the first merge on a machine pays about
+a second or two per kernel signature.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    if os.environ.get("WEIGHTMERGE_KERNELS", "1") == "0":
+        return None
+    try:
+        from weightmerge.methods import _numba_kernels
+    except ImportError:  # numba missing or broken: the torch code runs
+        return None
+    return _numba_kernels
+
+
+def enabled() -> bool:
+    return _module() is not None
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when the kernels can run on these tensors (CPU, float32/float64, one dtype, dense)."""
+    if not tensors or _module() is None:
+        return False
+    dt = tensors[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dt and dt in _DTYPES for t in tensors)
+
+
+def _threads() -> None:
+    import numba
+
+    most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def window_gather(
+    row: Tensor, lo: Tensor | None, hi: Tensor | None, cap: int
+) -> tuple[int, Tensor | None, bool]:
+    """``(below, candidates, nan)`` for the magnitudes of the 1-D ``row``: how many are < ``lo``, and
+    those in ``[lo, hi]`` (a None bound is open). ``candidates`` is None only when a NaN was seen."""
+    mod = _module()
+    assert mod is not None
+    _threads()
+    r = _np(row)
+    nchunks = max(1, min(64, 4 * torch.get_num_threads(), r.shape[0] // 4096))
+    lo_v = r.dtype.type(-np.inf if lo is None else lo.item())
+    hi_v = r.dtype.type(np.inf if hi is None else hi.item())
+    per = max(1024, -(-cap // nchunks))
+    while True:
+        buf = np.empty((per + 1) * nchunks, r.dtype)  # one spare slot per chunk
+        below, count, nan = mod.window_gather(r, lo_v, hi_v, buf, nchunks)
+        if nan.any():
+            return 0, None, True
+        top = int(count.max())
+        if top <= per:
+            break
+        per = top  # a chunk held more than its share: the counts are exact now, one more pass
+    parts = [buf[c * (per + 1) : c * (per + 1) + int(count[c])] for c in range(nchunks)]
+    return int(below.sum()), torch.from_numpy(np.concatenate(parts)), False
+
+
+def nth_equal_abs(row: Tensor, value: Tensor, nth: int) -> int:
+    """Flat index of the ``nth`` (0-based) entry of 1-D ``row`` whose magnitude equals ``value``."""
+    mod = _module()
+    assert mod is not None
+    r = _np(row)
+    return int(mod.nth_equal_abs(r, r.dtype.type(value.item()), nth))
+
+
+def ties_merge(
+    x: Tensor,
+    base: Tensor,
+    weights: Tensor,
+    thr: Tensor,
+    cut: Tensor,
+    trim: Tensor,
+    *,
+    unit: bool,
+    normalize: bool,
+    lam: float,
+    block: int,
+    weighted_vote: bool = True,
+    zero_pos: bool = True,
+) -> tuple[Tensor, bool]:
+    """Flat TIES (see ``_numba_kernels.ties_merge``; the defaults are mergekit's vote): ``x`` (n, d),
+    ``base`` (d,), per-row ``thr``, ``cut`` (int64) and ``trim`` (bool). Returns
+    ``(merged (d,), nan_seen)``."""
+    mod = _module()
+    assert mod is not None
+    _threads()
+    xs = _np(x)
+    dt = xs.dtype
+    out = np.empty(xs.shape[1], dt)
+    consts = np.array([0.0, 1.0, lam], dtype=dt)
+    nan = mod.ties_merge(
+        xs,
+        _np(base),
+        _np(weights.to(x.dtype)),
+        _np(thr.to(x.dtype)),
+        _np(cut.to(torch.int64)),
+        _np(trim.to(torch.bool)),
+        consts,
+        unit,
+        weighted_vote,
+        zero_pos,
+        normalize,
+        lam != 1,
+        out,
+        block,
+    )
+    return torch.from_numpy(out), bool(nan.any())
+
+
+def window_counts(
+    values: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    cand: Tensor,
+    kept: list[int],
+    failed: list[bool],
+    below: Tensor,
+    eq_lo: Tensor,
+    eq_hi: Tensor,
+) -> None:
+    """One ``SampleSelect`` gathering step in one pass (see ``_numba_kernels.window_counts``):
+    ``lo``/``hi`` (n, 1) of the values' dtype, ``cand`` (n, cap + 1) and the int64 (n,) counters
+    are updated in place, and so are the lists ``kept`` and ``failed``."""
+    mod = _module()
+    assert mod is not None
+    _threads()
+    k = np.array(kept, dtype=np.int64)
+    f = np.array(failed, dtype=np.uint8)
+    mod.window_counts(
+        _np(values), _np(lo.reshape(-1)), _np(hi.reshape(-1)), cand.numpy(), k, f,
+        below.numpy(), eq_lo.numpy(), eq_hi.numpy(),
+    )  # fmt: skip
+    kept[:] = k.tolist()
+    failed[:] = [bool(b) for b in f]
