@@ -40,7 +40,9 @@ def uniform(seed: int, name: str, model: int, offset: int, numel: int, full_nume
         lo = max(offset, b * BLOCK) - b * BLOCK
         hi = min(offset + numel, (b + 1) * BLOCK) - b * BLOCK
         size = min(BLOCK, full_numel - b * BLOCK)
-        block = torch.rand(size, generator=g, dtype=torch.float32)
-        out[pos : pos + hi - lo] = block[lo:hi]
+        if lo == 0 and hi == size:  # the whole block: draw straight into place (the same values)
+            torch.rand(size, generator=g, dtype=torch.float32, out=out[pos : pos + size])
+        else:
+            out[pos : pos + hi - lo] = torch.rand(size, generator=g, dtype=torch.float32)[lo:hi]
         pos += hi - lo
     return out

@@ -27,6 +27,7 @@ M_t * unified is all zero, so its reconstruction is the base whatever lambda_t) 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,8 +60,14 @@ def elect(tau: Tensor, *, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor
 
 
 def _deltas(ctx: TensorCtx) -> Tensor:
-    if not bool(torch.isfinite(ctx.x).all()):
-        raise ValueError(f"emr: NaN or infinite task-vector entries in tensor {ctx.name!r}")
+    """The chunk's task vectors, checked finite once per chunk and sweep: a finite sum proves it
+    (NaN or inf makes the sum non-finite); only a non-finite sum, which an overflow can also give,
+    takes the exact look."""
+    if "emr.finite" not in ctx.memo:
+        x = ctx.x
+        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"emr: NaN or infinite task-vector entries in tensor {ctx.name!r}")
+        ctx.memo["emr.finite"] = x
     return ctx.x
 
 
