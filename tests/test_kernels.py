@@ -244,3 +244,23 @@ def test_sample_select_gather_kernel_equals_torch(torch_only, dtype, cap):
         assert bool(ok.all())  # room enough: nothing missed
     if cap is not None:
         assert not bool(ok[0])  # a window holding more than cap values fails (the caller falls back)
+
+
+def test_zero_sign_votes_kernel_equals_torch(torch_only):
+    from weightmerge.methods.base import TensorCtx
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-2, 3, (3, 40, 25), generator=gen).float()  # many zero sums
+    x[0, 0, :3] = -0.0
+    stats = {ties_mod._thr_key(0.3): torch.tensor([1.0, 2.0, 1.5], dtype=torch.float64)}
+    dens = (0.3, 0.3, 1.0)
+
+    def votes() -> torch.Tensor:
+        ctx = TensorCtx(name="w", base=None, x=x.clone(), params={}, stats=stats, seed=0, full_shape=(40, 25))
+        return ties_mod._zero_sign_votes(ctx, densities=dens, rescale=False)
+
+    fast = votes()
+    torch_only()
+    ref = votes()
+    assert _same(fast, ref)
+    assert bool((ref != 0).any()) and bool((ref == 0).any())

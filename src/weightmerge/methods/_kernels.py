@@ -158,3 +158,15 @@ def window_counts(
     )  # fmt: skip
     kept[:] = k.tolist()
     failed[:] = [bool(b) for b in f]
+
+
+def trimmed_vote_sign(x: Tensor, thr: Tensor, trim: Tensor, *, block: int) -> Tensor:
+    """(d,) sign of the column sums of the flat ``x`` (n, d) after the global trim (|x| < thr[i] -> 0
+    in the rows where ``trim``); see ``_numba_kernels.trimmed_vote_sign``."""
+    mod = _module()
+    assert mod is not None
+    _threads()
+    xs = _np(x)
+    out = np.empty(xs.shape[1], xs.dtype)
+    mod.trimmed_vote_sign(xs, _np(thr.to(x.dtype)), _np(trim.to(torch.bool)), out, block)
+    return torch.from_numpy(out)

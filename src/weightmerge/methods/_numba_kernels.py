@@ -177,3 +177,30 @@ def window_counts(values, lo, hi, cand, kept, failed, below, eq_lo, eq_hi):
                 failed[i] = 1
             else:
                 kept[i] = k
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def trimmed_vote_sign(x, thr, trim, out, block):
+    """Paper TIES' zero-sign vote for one flat chunk: ``out[j] = sign(sum_i trimmed x[i, j])`` with
+    the sum from +0 in model order over the rows trimmed like ``trim_global`` (|x| < thr[i] -> 0
+    where ``trim[i]``): +1, -1, +0 for a zero sum (``elect_sign(zero=0)``), NaN for a NaN sum."""
+    n, d = x.shape
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    nb = (d + block - 1) // block
+    for b in prange(nb):
+        j0 = b * block
+        j1 = min(d, j0 + block)
+        total = np.zeros(j1 - j0, x.dtype)
+        for i in range(n):
+            t = thr[i]
+            if trim[i]:
+                for j in range(j0, j1):
+                    xi = x[i, j]
+                    total[j - j0] += zero if abs(xi) < t else xi
+            else:
+                for j in range(j0, j1):
+                    total[j - j0] += x[i, j]
+        for j in range(j0, j1):
+            tj = total[j - j0]
+            out[j] = one if tj > zero else (-one if tj < zero else (zero if tj == zero else tj))

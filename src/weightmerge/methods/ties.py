@@ -192,11 +192,12 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
             raise _nan_error(name)
         return _kth_counts(mag, k)
     step = max(1, n // SAMPLE_SIZE)
-    sample = torch.sort(row[_positions(n, step, row.device)].abs()).values
+    sample = row[_positions(n, step, row.device)].abs()
     s = sample.numel()
-    lo_i, hi_i = window_ranks(k - 1, n, s)  # 0-based sample positions
-    lo = sample[lo_i] if lo_i > 0 else None
-    hi = sample[hi_i] if hi_i < s - 1 else None
+    lo_i, hi_i = window_ranks(k - 1, n, s)  # 0-based positions in the sorted sample
+    # two selections, not a sort (NaN: the gathering pass below raises on it either way)
+    lo = torch.kthvalue(sample, lo_i + 1).values if lo_i > 0 else None
+    hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < s - 1 else None
     if _kernels.usable(row):  # one fused pass: count below, gather inside, NaN check
         expect = (min(hi_i, s - 1) - max(lo_i, 0) + 1) * n // s
         below_k, cand_k, nan = _kernels.window_gather(row, lo, hi, cap=2 * expect + 4096)
@@ -424,6 +425,13 @@ def _l1_after(ctx: TensorCtx, *, densities: Sequence[float]) -> Tensor:
 
 
 def _zero_sign_votes(ctx: TensorCtx, *, densities: Sequence[float], rescale: bool) -> Tensor:
+    if not rescale and _kernels.usable(ctx.x):  # one fused pass, no trimmed copy; the same signs
+        n = ctx.n_models
+        thr = _global_thresholds(densities, ctx.stats, ctx.name).to(ctx.x.dtype)
+        trim = torch.tensor([d < 1 for d in densities])
+        sign = _kernels.trimmed_vote_sign(ctx.x.reshape(n, -1), thr, trim, block=KERNEL_BLOCK)
+        elected = sign.reshape(1, *ctx.x.shape[1:])
+        return row_partials(elected, len(ctx.full_shape)).expand(n, -1)
     t = trim_global(ctx.x, densities, ctx.stats, name=ctx.name, inplace=False)
     if rescale:
         t.mul_(model_view(_rescale_factors(ctx.stats, t.dtype), t))
