@@ -148,6 +148,50 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, op: str) -> torch.Tensor:
     return torch.maximum(a, b) if op == "max" else torch.minimum(a, b)
 
 
+class _Partials:
+    """One tensor's per-chunk float64 partials of one reduction, laid side by side in a buffer
+    allocated once per tensor (one column per row for ``row_partials``, so ``rows_total`` columns
+    hold them all; a reduction that returns fewer columns per chunk leaves the rest unused).
+
+    ``take`` returns exactly what ``torch.cat`` of the chunks' partials would (same values, same
+    contiguous layout, so the reduction over it has the same bits). Keeping the partials in one
+    buffer rather than a list of small tensors matters for memory: dozens of small tensors that
+    outlive the chunk buffers pinned glibc's heap, so the freed chunk buffers (kept on the heap
+    once the allocator's mmap threshold has grown) were never returned, and EMR's statistics
+    pass on a 168M model peaked at 1.7 GB instead of about 0.4 GB.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.buf: torch.Tensor | None = None
+        self.filled = 0
+
+    def start(self, rows_total: int) -> None:
+        self.buf = torch.empty((self.n, max(1, rows_total)), dtype=torch.float64)
+        self.filled = 0
+
+    def add(self, part: torch.Tensor) -> None:
+        if self.buf is None:
+            raise RuntimeError("_Partials.add before start")
+        part = part.to(device="cpu", dtype=torch.float64)
+        if part.dim() != 2 or part.shape[0] != self.n:
+            raise ValueError(f"statistic partials must be (n_models, k), got {list(part.shape)}")
+        end = self.filled + part.shape[1]
+        if end > self.buf.shape[1]:  # more columns than rows: grow (not hit by the built-in methods)
+            grown = torch.empty((self.n, max(end, 2 * self.buf.shape[1])), dtype=torch.float64)
+            grown[:, : self.filled].copy_(self.buf[:, : self.filled])
+            self.buf = grown
+        self.buf[:, self.filled : end].copy_(part)
+        self.filled = end
+
+    def take(self) -> torch.Tensor:
+        if self.buf is None:
+            raise RuntimeError("_Partials.take before start")
+        out = self.buf if self.filled == self.buf.shape[1] else self.buf[:, : self.filled].contiguous()
+        self.buf, self.filled = None, 0
+        return out
+
+
 def _run_pass(
     inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest], stats: dict[str, torch.Tensor]
 ) -> None:
@@ -161,13 +205,12 @@ def _run_pass(
     samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
     ranks: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
-    pending: dict[str, list[torch.Tensor]] = {r.key: [] for r in reduces}
+    pending = {r.key: _Partials(n) for r in reduces}
     current: str | None = None
 
     def close_tensor(name: str) -> None:
         for r in reduces:
-            part = torch.cat(pending[r.key], dim=1)
-            pending[r.key] = []
+            part = pending[r.key].take()
             red = (
                 part.sum(dim=1)
                 if r.op == "sum"
@@ -182,10 +225,14 @@ def _run_pass(
             inp.progress("stats", name)
         if current is not None and name != current and reduces:
             close_tensor(current)
+        if name != current:
+            rows_total = inp.shapes[name][0] if len(inp.shapes[name]) >= 2 else 1
+            for r in reduces:
+                pending[r.key].start(rows_total)
         current = name
         ctx = _ctx(inp, name, rows, base, x, stats)
         for r in reduces:
-            pending[r.key].append(r.fn(ctx).to(device="cpu", dtype=torch.float64))
+            pending[r.key].add(r.fn(ctx))
         for o in orders:
             samplers[o.key].add_sample(o.fn(ctx), name)
     if current is not None and reduces:
