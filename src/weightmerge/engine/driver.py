@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from weightmerge.engine.select import RadixSelect, SampleSelect
-from weightmerge.methods.base import EMRTensor, MethodSpec, OrderStat, Reduce, StatRequest, TensorCtx
+from weightmerge.methods.base import (
+    EMRTensor,
+    MethodSpec,
+    OrderStat,
+    Reduce,
+    SampleCapture,
+    StatRequest,
+    TensorCtx,
+)
 
 Rows = tuple[int, int] | None  # [start, stop) along dim 0, or None for the whole tensor
 Reader = Callable[[str, Rows], torch.Tensor]
@@ -192,17 +200,42 @@ class _Partials:
         return out
 
 
+def sweeps_of(requests: Sequence[StatRequest]) -> int:
+    """Sweeps over the model one statistics pass makes (without a fallback): one for reductions
+    only or for presampled order statistics, two (sample, then gather) otherwise."""
+    orders = [r for r in requests if isinstance(r, OrderStat)]
+    return 2 if orders and not _presampled(requests) else 1
+
+
+def _presampled(requests: Sequence[StatRequest]) -> bool:
+    orders = [r for r in requests if isinstance(r, OrderStat)]
+    return (
+        bool(orders)
+        and all(o.presample is not None for o in orders)
+        and not any(isinstance(r, SampleCapture) for r in requests)
+    )
+
+
 def _run_pass(
-    inp: MergeInputs, method: MethodSpec, requests: Sequence[StatRequest], stats: dict[str, torch.Tensor]
+    inp: MergeInputs,
+    method: MethodSpec,
+    requests: Sequence[StatRequest],
+    stats: dict[str, torch.Tensor],
+    captures: dict[str, torch.Tensor],
 ) -> None:
-    """One statistics pass: a sweep for the reductions and the order statistics' samples, then
-    (order statistics only) a gathering sweep; rows whose sample missed fall back to the radix
-    select (two more sweeps, and four more to make float64 values exact)."""
+    """One statistics pass: a sweep for the reductions, the order statistics' samples and the
+    captures, then (order statistics only) a gathering sweep; rows whose sample missed fall back
+    to the radix select (two more sweeps, and four more to make float64 values exact). When every
+    order statistic is presampled (from earlier captures) the first sweep is skipped and the
+    reductions run in the gathering sweep."""
     reduces = [r for r in requests if isinstance(r, Reduce)]
     orders = [r for r in requests if isinstance(r, OrderStat)]
+    caps = [r for r in requests if isinstance(r, SampleCapture)]
+    presampled = _presampled(requests)
     n = len(inp.models)
     total = sum(math.prod(inp.shapes[name]) for name in inp.names)  # values per row
     samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
+    capturers: dict[str, SampleSelect] = {}
     ranks: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
     pending = {r.key: _Partials(n) for r in reduces}
@@ -220,26 +253,46 @@ def _run_pass(
                 red = red / max(math.prod(inp.shapes[name]), 1)
             totals[r.key] = _combine(totals[r.key], red, r.op)
 
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-        if inp.progress:
-            inp.progress("stats", name)
-        if current is not None and name != current and reduces:
+    def reduce_chunk(name: str, ctx: TensorCtx) -> None:
+        nonlocal current
+        if current is not None and name != current:
             close_tensor(current)
         if name != current:
             rows_total = inp.shapes[name][0] if len(inp.shapes[name]) >= 2 else 1
             for r in reduces:
                 pending[r.key].start(rows_total)
         current = name
-        ctx = _ctx(inp, name, rows, base, x, stats)
         for r in reduces:
             pending[r.key].add(r.fn(ctx))
+
+    def finish_reduces() -> None:
+        if current is not None and reduces:
+            close_tensor(current)
+        for r in reduces:
+            t = totals[r.key]
+            stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
+
+    if not presampled:
+        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+            if inp.progress:
+                inp.progress("stats", name)
+            ctx = _ctx(inp, name, rows, base, x, stats)
+            if reduces:
+                reduce_chunk(name, ctx)
+            for o in orders:
+                samplers[o.key].add_sample(o.fn(ctx), name)
+            for c in caps:
+                values = c.fn(ctx)
+                if c.key not in capturers:
+                    capturers[c.key] = SampleSelect(values.shape[0], total, what=c.key)
+                capturers[c.key].add_sample(values, name, check=False)
+        finish_reduces()
+        for key, cap in capturers.items():
+            captures[key] = cap.captured()
+    else:
         for o in orders:
-            samplers[o.key].add_sample(o.fn(ctx), name)
-    if current is not None and reduces:
-        close_tensor(current)
-    for r in reduces:
-        t = totals[r.key]
-        stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
+            assert o.presample is not None
+            samplers[o.key].install_sample(o.presample(stats, captures), total)
     if not orders:
         return
     for o in orders:
@@ -254,8 +307,12 @@ def _run_pass(
         if inp.progress:
             inp.progress("stats", name)
         ctx = _ctx(inp, name, rows, base, x, stats)
+        if presampled and reduces:
+            reduce_chunk(name, ctx)
         for o in orders:
             samplers[o.key].add_gather(o.fn(ctx), name)
+    if presampled:
+        finish_reduces()
     missed: list[OrderStat] = []
     for o in orders:
         found = samplers[o.key].finish()
@@ -366,8 +423,10 @@ def run_merge(
     if len(inp.models) < 1:
         raise ValueError("no models to merge")
     stats: dict[str, torch.Tensor] = {}
+    captures: dict[str, torch.Tensor] = {}  # values at the sampling positions (SampleCapture)
     for requests in method.passes(inp.model_params):
-        _run_pass(inp, method, requests, stats)
+        _run_pass(inp, method, requests, stats, captures)
+    captures.clear()
     for name, rows, base, x in _iter_loaded(inp, method, chunked=method.is_elementwise(inp.model_params)):
         if inp.progress:
             inp.progress("apply", name)

@@ -155,14 +155,16 @@ class SampleSelect:
         self.kept = [0] * n_rows
         self.failed = [False] * n_rows
         self.seen = 0
+        self.check_gather = False  # NaN check in the gathering sweep (a presampled statistic)
 
     def _check_shape(self, values: torch.Tensor) -> None:
         if values.dim() != 2 or values.shape[0] != self.n:
             raise ValueError(f"expected ({self.n}, m) values, got {tuple(values.shape)}")
 
-    def add_sample(self, values: torch.Tensor, name: str = "?") -> None:
+    def add_sample(self, values: torch.Tensor, name: str = "?", *, check: bool = True) -> None:
+        """Keep the values at this chunk's sampling positions (``check``: refuse NaN)."""
         self._check_shape(values)
-        if not no_nan(values):  # the gathering sweep sees the same values: checked once, here
+        if check and not no_nan(values):  # the gathering sweep sees the same values: checked once, here
             raise ValueError(f"NaN in {self.what} of tensor {name!r}: cannot rank")
         m = values.shape[1]
         idx = sample_positions(self.pos, m, self.step)
@@ -173,6 +175,30 @@ class SampleSelect:
             self.sample[:, self.n_sampled : self.n_sampled + k] = values[:, idx.to(values.device)]
             self.n_sampled += k
         self.pos += m
+
+    def install_sample(self, sample: torch.Tensor, total: int) -> None:
+        """Take the whole sample at once (``OrderStat.presample``: values at the positions a
+        sampling sweep over ``total`` values per row would keep) instead of ``add_sample`` calls.
+        The gathering sweep then checks its values for NaN itself."""
+        if self.pos:
+            raise ValueError(f"{self.what}: sample installed after a sampling sweep")
+        if sample.dim() != 2 or sample.shape[0] != self.n or not 0 < sample.shape[1] <= self.sample_len:
+            raise ValueError(
+                f"{self.what}: presample of shape {tuple(sample.shape)}, expected ({self.n}, k) "
+                f"with 0 < k <= {self.sample_len}"
+            )
+        if not no_nan(sample):
+            raise ValueError(f"NaN in the presampled {self.what}: cannot rank")
+        self.sample = sample.to(device="cpu").contiguous()
+        self.n_sampled = sample.shape[1]
+        self.pos = total
+        self.check_gather = True
+
+    def captured(self) -> torch.Tensor:
+        """The values kept so far (a capture, ``SampleCapture``): (n, values sampled)."""
+        if self.sample is None:
+            return torch.empty((self.n, 0))
+        return self.sample[:, : self.n_sampled]
 
     @property
     def count(self) -> int:
@@ -199,6 +225,8 @@ class SampleSelect:
     def add_gather(self, values: torch.Tensor, name: str = "?") -> None:
         assert self.lo is not None and self.hi is not None, "set_ranks first"
         self._check_shape(values)
+        if self.check_gather and not no_nan(values):
+            raise ValueError(f"NaN in {self.what} of tensor {name!r}: cannot rank")
         if values.dtype == self.lo.dtype and _kernels.usable(values):  # one fused pass, same result
             if self.cand is None:
                 self.cand = torch.empty((self.n, self.cap + 1), dtype=values.dtype)

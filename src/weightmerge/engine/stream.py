@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from weightmerge.engine.driver import MergeInputs, MergeOutcome, Rows, run_merge
+from weightmerge.engine.driver import MergeInputs, MergeOutcome, Rows, run_merge, sweeps_of
 from weightmerge.engine.plan import MergePlan
 from weightmerge.io.base import TensorSource
 from weightmerge.methods.aux import gather_aux
@@ -115,7 +115,7 @@ def stream_merge(
     }
     sweeps = 0
     for requests in method.passes(model_params):
-        sweeps += 2 if any(type(r).__name__ == "OrderStat" for r in requests) else 1
+        sweeps += sweeps_of(requests)
     progress = _Progress(sum(sizes.values()) * (sweeps + 1), quiet)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -22,6 +22,14 @@ Statistics are declared, never computed ad hoc:
   a two-level radix select decides (two more sweeps; float64 then four more on the residuals, see
   ``engine.driver._refine_float64``).
 
+* :class:`SampleCapture` -- no statistic of its own: the driver keeps the values ``fn`` yields at
+  the positions the order statistics sample (the same positions for every statistic of a run), so
+  that a later pass can build an order statistic's sample from them (``OrderStat.presample``)
+  instead of sweeping the model to sample it. A pass whose order statistics all have a
+  ``presample`` makes one sweep, not two: its reductions run in the gathering sweep. The sample
+  only has to bracket the rank (the answer is exact whatever the bracket), so a presample need not
+  equal the swept values bit for bit.
+
 Stats produced by pass *k* are visible (``ctx.stats``) to the functions of later passes and to
 ``apply``.
 """
@@ -106,9 +114,18 @@ class OrderStat:
     key: str
     fn: Callable[[TensorCtx], Tensor]  # -> float32|float64 (n_models, numel_in_chunk), no NaN
     rank: Callable[[int], int]  # total count per row D -> 0-based ascending rank
+    # (stats so far, captures so far) -> (n_models, sample length): the values ``fn`` would give at
+    # the sampling positions, built from earlier passes' SampleCaptures; None: sample by a sweep
+    presample: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor] | None = None
 
 
-StatRequest = Reduce | OrderStat
+@dataclass(frozen=True)
+class SampleCapture:
+    key: str
+    fn: Callable[[TensorCtx], Tensor]  # -> (k, numel_in_chunk), kept at the sampling positions
+
+
+StatRequest = Reduce | OrderStat | SampleCapture
 
 
 @dataclass(frozen=True)

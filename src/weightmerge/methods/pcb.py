@@ -22,8 +22,10 @@ vision/ES scripts; a scalar lambda equals the NLP scripts' theta_0 + lambda * ta
 
 Scope: ``global`` (default, as the authors ran it) takes every statistic per model over all merged
 tensors concatenated in sorted name order: pass 1 finds lo_i, hi_i (exact order statistics of
-|T|), pass 2 thr_i (order statistic of beta) and max beta_i; the apply pass is then element-wise
-(chunkable). ``per_tensor`` takes the same statistics inside each tensor (small tensors then clip
+|T|: a sampling sweep, which also keeps the columns of T at the sampled positions, then a
+gathering sweep), pass 2 thr_i (order statistic of beta, its sample computed from those columns,
+so one gathering sweep) and max beta_i; the apply pass is then element-wise (chunkable). Four
+sweeps in all. ``per_tensor`` takes the same statistics inside each tensor (small tensors then clip
 their largest entry: floor(D*(1-c)) - 1 < D - 1 as soon as D*c > 0).
 
 Optional ``dare_drop_rate`` p ("PCB after DARE"): every task-vector entry is first dropped where
@@ -41,15 +43,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from weightmerge.methods._random import uniform
-from weightmerge.methods.base import MethodSpec, OrderStat, Param, Reduce, StatRequest, TensorCtx
+from weightmerge.methods.base import (
+    MethodSpec,
+    OrderStat,
+    Param,
+    Reduce,
+    SampleCapture,
+    StatRequest,
+    TensorCtx,
+)
 
 Tensor = torch.Tensor
 LO, HI, THR, BETA_MAX = "pcb.lo", "pcb.hi", "pcb.thr", "pcb.beta_max"
+T_SAMPLE = "pcb.t_sample"  # task-vector columns at the sampling positions (a capture, not a stat)
 INTERS = ("A", "B", "C")
 SCOPES = ("global", "per_tensor")
 WEIGHT_SUM_FLOOR = 1e-12  # the authors' guard on sum_i W_i
@@ -219,11 +231,27 @@ def _apply(ctx: TensorCtx) -> Tensor:
 # Global scope: statistics passes
 
 
+def _sweep_task_vectors(ctx: TensorCtx) -> Tensor:
+    """The chunk's flat task vectors (n, m), computed once per chunk and sweep (|T| and the
+    capture for the beta sample read them)."""
+    if "pcb.t" not in ctx.memo:
+        ctx.memo["pcb.t"] = _task_vectors(ctx, inplace=False)
+    return ctx.memo["pcb.t"]
+
+
 def _magnitudes(ctx: TensorCtx) -> Tensor:
     """|T| of the chunk; lo and hi rank the same values, so one sweep computes them once."""
     if "pcb.abs" not in ctx.memo:
-        ctx.memo["pcb.abs"] = _task_vectors(ctx, inplace=False).abs()
+        ctx.memo["pcb.abs"] = _sweep_task_vectors(ctx).abs()
     return ctx.memo["pcb.abs"]
+
+
+def _beta_sample(stats: Mapping[str, Tensor], captures: Mapping[str, Tensor], *, inter: str) -> Tensor:
+    """beta at the sampling positions, from the task-vector columns captured there in the first
+    pass and the clamp bounds it found: the threshold's sample without a sampling sweep (beta of a
+    column depends only on that column of T and on lo, hi)."""
+    t = captures[T_SAMPLE]
+    return _beta(t, _col(stats[LO], t), _col(stats[HI], t), inter=inter)[1]
 
 
 def _global_beta(ctx: TensorCtx) -> Tensor:
@@ -247,13 +275,21 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
     if p["scope"] != "global":
         return ()
     c, r = p["clamp_ratio"], p["keep_ratio"]
+    # four sweeps: |T| sample (+ T captured at the sampling positions), |T| gather -> lo, hi;
+    # beta gather (its sample computed from the capture) + max beta -> thr, max beta; apply
     return (
         (
             OrderStat(LO, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[0]),
             OrderStat(HI, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[1]),
+            SampleCapture(T_SAMPLE, _sweep_task_vectors),
         ),
         (
-            OrderStat(THR, _global_beta, lambda d: drop_rank(numel=d, keep_ratio=r)),
+            OrderStat(
+                THR,
+                _global_beta,
+                lambda d: drop_rank(numel=d, keep_ratio=r),
+                presample=partial(_beta_sample, inter=p["inter"]),
+            ),
             Reduce(BETA_MAX, _beta_row_max, op="max"),
         ),
     )
