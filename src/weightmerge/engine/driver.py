@@ -280,7 +280,7 @@ def _run_pass(
             if reduces:
                 reduce_chunk(name, ctx)
             for o in orders:
-                samplers[o.key].add_sample(o.fn(ctx), name)
+                samplers[o.key].add_sample(o.fn(ctx), name, check=not o.nan_free)
             for c in caps:
                 values = c.fn(ctx)
                 if c.key not in capturers:

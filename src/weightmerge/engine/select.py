@@ -211,15 +211,15 @@ class SampleSelect:
             raise ValueError(f"rank {ranks.tolist()} outside 0..{self.pos - 1} of {self.what}")
         self.ranks = ranks
         assert self.sample is not None
-        sample = torch.sort(self.sample[:, : self.n_sampled], dim=1).values
+        sample = self.sample[:, : self.n_sampled]
         self.sample = None
         s = sample.shape[1]
         lo = torch.empty((self.n, 1), dtype=sample.dtype)
         hi = torch.empty((self.n, 1), dtype=sample.dtype)
-        for i in range(self.n):
+        for i in range(self.n):  # the window ends by selection (the values a sort would put there)
             a, b = window_ranks(int(ranks[i]), self.pos, s)
-            lo[i, 0] = sample[i, a] if a > 0 else -math.inf
-            hi[i, 0] = sample[i, b] if b < s - 1 else math.inf
+            lo[i, 0] = torch.kthvalue(sample[i], a + 1).values if a > 0 else -math.inf
+            hi[i, 0] = torch.kthvalue(sample[i], b + 1).values if b < s - 1 else math.inf
         self.lo, self.hi = lo, hi
 
     def add_gather(self, values: torch.Tensor, name: str = "?") -> None:

@@ -117,6 +117,9 @@ class OrderStat:
     # (stats so far, captures so far) -> (n_models, sample length): the values ``fn`` would give at
     # the sampling positions, built from earlier passes' SampleCaptures; None: sample by a sweep
     presample: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor] | None = None
+    # fn never yields NaN (e.g. |T| of task vectors the method has checked finite in the same
+    # sweep): the driver then skips its own NaN check of the values
+    nan_free: bool = False
 
 
 @dataclass(frozen=True)

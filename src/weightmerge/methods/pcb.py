@@ -157,10 +157,14 @@ def weighted_mix(w: Tensor, tc: Tensor, lam: Tensor) -> Tensor:
 # Per chunk, given the statistics
 
 
-def _task_vectors(ctx: TensorCtx, *, inplace: bool) -> Tensor:
-    """(n, m) flat task vectors of the chunk, after the optional DARE drop."""
+def _task_vectors(ctx: TensorCtx, *, inplace: bool, check: bool = True) -> Tensor:
+    """(n, m) flat task vectors of the chunk, after the optional DARE drop. ``check``: refuse NaN
+    and infinities (global scope checks them in its first sweep only: later sweeps read the same
+    values)."""
     t = ctx.x.reshape(ctx.n_models, -1)
-    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):  # a finite sum: all finite
+    if (
+        check and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all())
+    ):  # finite sum: all finite
         raise ValueError(f"pcb: NaN or infinite task-vector entries in tensor {ctx.name!r}")
     rates = ctx.params["dare_drop_rate"]
     if any(rates):
@@ -211,7 +215,7 @@ def _clamp_bounds(t: Tensor, clamp_ratio: float) -> tuple[Tensor, Tensor]:
 def _apply(ctx: TensorCtx) -> Tensor:
     assert ctx.base is not None
     p = ctx.params
-    t = _task_vectors(ctx, inplace=True)
+    t = _task_vectors(ctx, inplace=True, check=p["scope"] == "per_tensor")
     if t.shape[1] == 0:
         return ctx.base.clone()
     if p["scope"] == "per_tensor":
@@ -257,7 +261,7 @@ def _beta_sample(stats: Mapping[str, Tensor], captures: Mapping[str, Tensor], *,
 def _global_beta(ctx: TensorCtx) -> Tensor:
     """beta of the chunk, computed once per sweep for the threshold and the row maximum."""
     if "pcb.beta" not in ctx.memo:
-        t = _task_vectors(ctx, inplace=False)
+        t = _task_vectors(ctx, inplace=False, check=False)  # checked in the first sweep
         lo, hi = _col(ctx.stats[LO], t), _col(ctx.stats[HI], t)
         ctx.memo["pcb.beta"] = _beta(t, lo, hi, inter=ctx.params["inter"])[1]
     return ctx.memo["pcb.beta"]
@@ -279,8 +283,9 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
     # beta gather (its sample computed from the capture) + max beta -> thr, max beta; apply
     return (
         (
-            OrderStat(LO, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[0]),
-            OrderStat(HI, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[1]),
+            # |T| of task vectors checked finite in this sweep: no NaN
+            OrderStat(LO, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[0], nan_free=True),
+            OrderStat(HI, _magnitudes, lambda d: clamp_ranks(numel=d, clamp_ratio=c)[1], nan_free=True),
             SampleCapture(T_SAMPLE, _sweep_task_vectors),
         ),
         (
