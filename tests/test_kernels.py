@@ -111,7 +111,7 @@ def test_window_gather_counts_and_gathers_exactly(cap):
     for lo, hi in ((0.5, 1.25), (None, 0.75), (1.0, None), (None, None), (2.0, 1.0)):
         lo_t = None if lo is None else torch.tensor(lo)
         hi_t = None if hi is None else torch.tensor(hi)
-        below, cand, nan = _kernels.window_gather(row, lo_t, hi_t, cap=cap)  # small caps: retried
+        below, cand, pos, nan = _kernels.window_gather(row, lo_t, hi_t, cap=cap)  # small caps: retried
         inside = torch.ones_like(mag, dtype=torch.bool)
         if lo is not None:
             inside &= mag >= lo
@@ -120,8 +120,10 @@ def test_window_gather_counts_and_gathers_exactly(cap):
         assert not nan and cand is not None
         assert below == (0 if lo is None else int((mag < lo).sum()))
         assert torch.equal(torch.sort(cand).values, torch.sort(mag[inside]).values)
+        assert pos is not None  # the flat indices of the gathered entries, in the row's order
+        assert torch.equal(pos, inside.nonzero()[:, 0]) and torch.equal(cand, mag[pos])
     row[17_000] = math.nan
-    assert _kernels.window_gather(row, torch.tensor(0.5), torch.tensor(1.0), cap=cap)[2]
+    assert _kernels.window_gather(row, torch.tensor(0.5), torch.tensor(1.0), cap=cap)[3]
 
 
 def test_nth_equal_abs():

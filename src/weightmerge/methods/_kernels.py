@@ -57,9 +57,10 @@ def _np(t: Tensor) -> np.ndarray:
 
 def window_gather(
     row: Tensor, lo: Tensor | None, hi: Tensor | None, cap: int
-) -> tuple[int, Tensor | None, bool]:
-    """``(below, candidates, nan)`` for the magnitudes of the 1-D ``row``: how many are < ``lo``, and
-    those in ``[lo, hi]`` (a None bound is open). ``candidates`` is None only when a NaN was seen."""
+) -> tuple[int, Tensor | None, Tensor | None, bool]:
+    """``(below, candidates, positions, nan)`` for the magnitudes of the 1-D ``row``: how many are
+    < ``lo``, those in ``[lo, hi]`` (a None bound is open) and their flat indices in ascending
+    order (int64). ``candidates`` and ``positions`` are None only when a NaN was seen."""
     mod = _module()
     assert mod is not None
     _threads()
@@ -70,15 +71,18 @@ def window_gather(
     per = max(1024, -(-cap // nchunks))
     while True:
         buf = np.empty((per + 1) * nchunks, r.dtype)  # one spare slot per chunk
-        below, count, nan = mod.window_gather(r, lo_v, hi_v, buf, nchunks)
+        pos = np.empty((per + 1) * nchunks, np.int64)
+        below, count, nan = mod.window_gather(r, lo_v, hi_v, buf, pos, nchunks)
         if nan.any():
-            return 0, None, True
+            return 0, None, None, True
         top = int(count.max())
         if top <= per:
             break
         per = top  # a chunk held more than its share: the counts are exact now, one more pass
-    parts = [buf[c * (per + 1) : c * (per + 1) + int(count[c])] for c in range(nchunks)]
-    return int(below.sum()), torch.from_numpy(np.concatenate(parts)), False
+    spans = [(c * (per + 1), c * (per + 1) + int(count[c])) for c in range(nchunks)]
+    cand = np.concatenate([buf[a:b] for a, b in spans])
+    where = np.concatenate([pos[a:b] for a, b in spans])
+    return int(below.sum()), torch.from_numpy(cand), torch.from_numpy(where), False
 
 
 def nth_equal_abs(row: Tensor, value: Tensor, nth: int) -> int:

@@ -15,13 +15,14 @@ from numba import njit, prange
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def window_gather(row, lo, hi, out, nchunks):
+def window_gather(row, lo, hi, out, pos, nchunks):
     """Magnitudes of ``row`` (1-D float) in ``[lo, hi]`` (scalars of the row's dtype; -inf / +inf
-    for an open bound) gathered into ``out`` (chunk c writes ``out[c*(cap+1) : c*(cap+1) + cap]``, with
-    cap = len(out) // nchunks - 1: one spare slot per chunk takes the writes past cap), plus per
-    chunk: entries below ``lo``, entries in the window (may exceed cap: then only the first cap
-    are kept and the caller retries with a larger buffer), and whether a NaN was seen.
-    Branch-free: every entry is written to the next slot, and the slot advances only when inside."""
+    for an open bound) gathered into ``out`` and their flat indices into ``pos`` (chunk c writes
+    ``[c*(cap+1), c*(cap+1) + cap)`` of both, with cap = len(out) // nchunks - 1: one spare slot per
+    chunk takes the writes past cap), plus per chunk: entries below ``lo``, entries in the window
+    (may exceed cap: then only the first cap are kept and the caller retries with a larger buffer),
+    and whether a NaN was seen. Branch-free: every entry is written to the next slot, and the slot
+    advances only when inside. Inside a chunk the gathered entries keep the row's order."""
     d = row.shape[0]
     stride = out.shape[0] // nchunks
     cap = stride - 1
@@ -40,7 +41,9 @@ def window_gather(row, lo, hi, out, nchunks):
             m = abs(row[j])
             bad |= m != m
             nb += m < lo
-            out[off + min(k, cap)] = m
+            slot = off + min(k, cap)
+            out[slot] = m
+            pos[slot] = j
             k += (m >= lo) & (m <= hi)
         below[c] = nb
         count[c] = k

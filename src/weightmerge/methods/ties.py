@@ -178,7 +178,16 @@ def _kth_counts(mag: Tensor, k: int) -> tuple[Tensor, int, int]:
 
 def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK) -> tuple[Tensor, int, int]:
     """``(thr, n_gt, n_eq)`` for the magnitudes of a flat vector ``row``: their ``rank``-th largest
-    value and how many are above / equal to it. Exact (the value ``torch.kthvalue`` gives).
+    value and how many are above / equal to it. Exact (the value ``torch.kthvalue`` gives)."""
+    return kth_largest_cut(row, rank, name=name, block=block)[:3]
+
+
+def kth_largest_cut(
+    row: Tensor, rank: int, *, name: str, block: int = BLOCK
+) -> tuple[Tensor, int, int, Tensor | None]:
+    """``kth_largest_counts`` plus the flat indices, ascending, of the entries whose magnitude
+    equals the threshold, when the fused gathering pass found them (else None): where exact-k
+    TIES cuts its ties, without another scan of the row.
 
     A stratified sample brackets the threshold in a window of ranks (``window_ranks``); one
     blocked pass takes |row| a block at a time, counts the entries below the window and gathers
@@ -190,7 +199,7 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
         mag = row.abs()
         if bool(torch.isnan(mag).any()):
             raise _nan_error(name)
-        return _kth_counts(mag, k)
+        return (*_kth_counts(mag, k), None)
     step = max(1, n // SAMPLE_SIZE)
     sample = row[_positions(n, step, row.device)].abs()
     s = sample.numel()
@@ -200,10 +209,12 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
     hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < s - 1 else None
     if _kernels.usable(row):  # one fused pass: count below, gather inside, NaN check
         expect = (min(hi_i, s - 1) - max(lo_i, 0) + 1) * n // s
-        below_k, cand_k, nan = _kernels.window_gather(row, lo, hi, cap=2 * expect + 4096)
-        if nan or cand_k is None:
+        below_k, cand_k, pos_k, nan = _kernels.window_gather(row, lo, hi, cap=2 * expect + 4096)
+        if nan or cand_k is None or pos_k is None:
             raise _nan_error(name)
-        return _finish_window(row, k, below_k, cand_k)
+        thr, n_gt, n_eq = _finish_window(row, k, below_k, cand_k)
+        hit = below_k < k <= below_k + cand_k.numel()  # else _finish_window selected the slow way
+        return thr, n_gt, n_eq, (pos_k[cand_k == thr] if hit else None)
     below = 0
     parts: list[Tensor] = []
     for c0 in range(0, n, block):
@@ -219,7 +230,7 @@ def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK)
             le = blk <= hi
             inside = le if inside is None else inside.logical_and_(le)
         parts.append(blk if inside is None else blk[inside])
-    return _finish_window(row, k, below, torch.cat(parts))
+    return (*_finish_window(row, k, below, torch.cat(parts)), None)
 
 
 @functools.lru_cache(maxsize=32)
@@ -243,11 +254,12 @@ class _RowCut:
     """How one model row is trimmed while the blocks stream by: keep |tau| > thr, plus the first
     ``ties_left`` entries equal to thr (all of them when ``ties_left`` is None)."""
 
-    __slots__ = ("thr", "ties_left")
+    __slots__ = ("eq_pos", "thr", "ties_left")
 
-    def __init__(self, thr: Tensor, ties_left: int | None) -> None:
+    def __init__(self, thr: Tensor, ties_left: int | None, eq_pos: Tensor | None = None) -> None:
         self.thr = thr
         self.ties_left = ties_left
+        self.eq_pos = eq_pos  # flat indices of the entries equal to thr, ascending (when known)
 
     def drop(self, mag: Tensor) -> Tensor:
         """Bool mask of the entries of this block of the row to zero (advances the tie count)."""
@@ -291,9 +303,9 @@ def ties_per_tensor_blocked(
         if rank is None:
             cuts.append(None)
             continue
-        thr, n_gt, n_eq = kth_largest_counts(flat[i], rank, name=name, block=block)
+        thr, n_gt, n_eq, eq_pos = kth_largest_cut(flat[i], rank, name=name, block=block)
         need = rank - n_gt
-        cuts.append(_RowCut(thr, None if n_eq == need else need))
+        cuts.append(_RowCut(thr, None if n_eq == need else need, eq_pos))
     if _kernels.usable(x, base):
         return _ties_kernel(base, flat, cuts, weights, lam=lam, normalize=normalize, name=name)
     out = torch.empty_like(base)
@@ -354,8 +366,11 @@ def _ties_kernel(
             continue
         trim[i] = True
         thr[i] = c.thr
-        if c.ties_left is not None:
-            cut[i] = _kernels.nth_equal_abs(flat[i], c.thr, c.ties_left)
+        if c.ties_left is not None:  # index of the first tie dropped
+            if c.eq_pos is not None and c.ties_left < c.eq_pos.numel():
+                cut[i] = int(c.eq_pos[c.ties_left])  # gathered with the threshold: no scan
+            else:
+                cut[i] = _kernels.nth_equal_abs(flat[i], c.thr, c.ties_left)
     unit = bool((weights == 1).all())
     merged, nan = _kernels.ties_merge(
         flat,
