@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -45,8 +46,12 @@ def keep_mask(ctx: TensorCtx, model: int, density: float) -> Tensor:
 
 def drop_and_rescale(delta: Tensor, keep: Tensor, *, density: float, rescale: str) -> None:
     """In place on one model's delta: zero the dropped entries, then rescale the kept ones."""
+    _drop_and_rescale(delta, keep.logical_not(), density=density, rescale=rescale)
+
+
+def _drop_and_rescale(delta: Tensor, drop: Tensor, *, density: float, rescale: str) -> None:
     before = delta.abs().sum() if rescale == "l1" else None
-    delta.masked_fill_(~keep, 0.0)
+    delta.masked_fill_(drop, 0.0)
     if rescale == "inverse_keep":
         delta.div_(density)
     elif before is not None:
@@ -55,11 +60,39 @@ def drop_and_rescale(delta: Tensor, keep: Tensor, *, density: float, rescale: st
             delta.mul_(before / after)
 
 
+_DRAW_POOL: ThreadPoolExecutor | None = None
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    """One helper thread that draws the next model's uniforms while this one is dropped: torch's
+    CPU generator is sequential (about a quarter of a DARE merge), and its draws do not depend on
+    the thread that makes them."""
+    global _DRAW_POOL
+    if _DRAW_POOL is None:
+        _DRAW_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-draw")
+    return _DRAW_POOL
+
+
 def dare_deltas(ctx: TensorCtx, densities: Sequence[float], *, rescale: str) -> Tensor:
-    """DARE-process every model row of ``ctx.x`` in place and return it."""
-    for i, d in enumerate(densities):
-        if d < 1:
-            drop_and_rescale(ctx.x[i], keep_mask(ctx, i, d), density=d, rescale=rescale)
+    """DARE-process every model row of ``ctx.x`` in place and return it (the keep rule u < density
+    of ``keep_mask``, applied as its complement u >= density: u is never NaN)."""
+    todo = [(i, d) for i, d in enumerate(densities) if d < 1]
+    if not todo:
+        return ctx.x
+    m, full = ctx.x[0].numel(), math.prod(ctx.full_shape)
+
+    def draw(i: int) -> Tensor:
+        return uniform(ctx.seed, ctx.name, i, ctx.element_offset, m, full)
+
+    pool = _draw_pool() if len(todo) > 1 else None
+    nxt: Future[Tensor] | None = pool.submit(draw, todo[0][0]) if pool is not None else None
+    for k, (i, d) in enumerate(todo):
+        u = nxt.result() if nxt is not None else draw(i)
+        nxt = pool.submit(draw, todo[k + 1][0]) if pool is not None and k + 1 < len(todo) else None
+        row = ctx.x[i]
+        drop = (u.to(row.device) >= d).reshape(row.shape)
+        del u
+        _drop_and_rescale(row, drop, density=d, rescale=rescale)
     return ctx.x
 
 
