@@ -139,3 +139,14 @@ def test_pcb_threshold_from_the_capture_equals_a_sampling_sweep(monkeypatch, par
     assert len(sweeps) == 5
     for k in base:
         assert torch.equal(fast[k].view(torch.int32), slow[k].view(torch.int32)), k
+
+
+def test_pcb_threshold_from_the_capture_in_float64(monkeypatch):
+    """float64 compute: the captured columns and the beta sample are float64 too; same bits as a
+    sampling sweep (and the float64 order statistics stay exact)."""
+    base, models = _pcb_inputs(7)
+    fast = merge_state_dicts(base, models, "pcb", {"keep_ratio": 0.2}, compute_dtype=torch.float64)
+    monkeypatch.setattr(driver, "_presampled", lambda _requests: False)
+    slow = merge_state_dicts(base, models, "pcb", {"keep_ratio": 0.2}, compute_dtype=torch.float64)
+    for k in base:
+        assert torch.equal(fast[k].view(torch.int32), slow[k].view(torch.int32)), k
