@@ -158,3 +158,35 @@ def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     assert res["summary"]["floor_wall_s"] > 0
     assert res["machine"]["torch"] == torch.__version__
     assert "| linear |" in proc.stdout
+
+
+def test_bench_small_tensors_end_to_end(tmp_path: Path) -> None:
+    """Tiny layouts, one round: both checked against the in-memory API, timed, summarised."""
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_small_tensors.py"),
+        "--many",
+        "200",
+        "--numel",
+        "64",
+        "--experts",
+        "2",
+        "--runs",
+        "1",
+        "--dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(results),
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = results.glob("small-tensors-200x64-e2-*.json")
+    res = json.loads(path.read_text())
+    assert res["layouts"]["many"]["tensors"] == 200 and res["layouts"]["few"]["tensors"] == 2
+    assert res["layouts"]["many"]["numel"] * 200 == res["layouts"]["few"]["numel"] * 2
+    for layout in res["layouts"].values():
+        assert layout["check"] == {"ok": True, "tensors": layout["tensors"], "differing": 0}
+        assert len(layout["runs"]) == 1 and layout["runs"][0]["merge"]["wall_s"] > 0
+    assert "ms per extra tensor" in proc.stdout
