@@ -123,31 +123,24 @@ def test_median() -> None:
 
 
 @pytest.mark.slow
+def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run a benchmarks/ script in a fresh process with this venv's tools on PATH; must exit 0."""
+    cmd = [sys.executable, str(BENCH / script), *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     """Two methods on the tiny preset, one run each: one against mergekit, one in memory."""
     pytest.importorskip("mergekit")
     out = tmp_path / "r.json"
-    cmd = [
-        sys.executable,
-        str(BENCH / "bench_merge.py"),
-        "--preset",
-        "tiny",
-        "--experts",
-        "2",
-        "--runs",
-        "1",
-        "--methods",
-        "linear,ties_global",
-        "--root",
-        str(tmp_path / "models"),
-        "--work",
-        str(tmp_path / "work"),
-        "--json",
-        str(out),
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_bench(
+        "bench_merge.py",
+        *("--preset", "tiny", "--experts", "2", "--runs", "1", "--methods", "linear,ties_global"),
+        *("--root", str(tmp_path / "models"), "--work", str(tmp_path / "work"), "--json", str(out)),
+    )
     res = json.loads(out.read_text())
     rows = {r["method"]: r for r in res["summary"]["rows"]}
     assert rows["linear"]["check"]["ok"] and rows["linear"]["check"]["reference"] == "mergekit 0.1.5"
@@ -163,25 +156,11 @@ def test_bench_merge_end_to_end(tmp_path: Path) -> None:
 def test_bench_small_tensors_end_to_end(tmp_path: Path) -> None:
     """Tiny layouts, one round: both checked against the in-memory API, timed, summarised."""
     results = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        str(BENCH / "bench_small_tensors.py"),
-        "--many",
-        "200",
-        "--numel",
-        "64",
-        "--experts",
-        "2",
-        "--runs",
-        "1",
-        "--dir",
-        str(tmp_path / "models"),
-        "--json",
-        str(results),
-    ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_bench(
+        "bench_small_tensors.py",
+        *("--many", "200", "--numel", "64", "--experts", "2", "--runs", "1"),
+        *("--dir", str(tmp_path / "models"), "--json", str(results)),
+    )
     (path,) = results.glob("small-tensors-200x64-e2-*.json")
     res = json.loads(path.read_text())
     assert res["layouts"]["many"]["tensors"] == 200 and res["layouts"]["few"]["tensors"] == 2
