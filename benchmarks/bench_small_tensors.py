@@ -35,11 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_measure import machine_info, median, run_measured  # noqa: E402
-
-
-def _venv_bin(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
+from bench_merge import venv_bin  # noqa: E402
 
 
 def make_set(root: Path, count: int, numel: int, experts: int, seed: int) -> None:
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = {k: config(roots[k], a.experts) for k in layouts}
         for k in layouts:  # check first (also the warm-up)
             out = work / f"check-{k}"
-            r = run_measured([_venv_bin("weightmerge"), "merge", str(cfgs[k]), str(out), "--quiet"])
+            r = run_measured([venv_bin("weightmerge"), "merge", str(cfgs[k]), str(out), "--quiet"])
             if r.rc != 0:
                 print(r.stderr_tail, file=sys.stderr)
                 return 1
@@ -147,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             order = list(layouts) if rnd % 2 == 0 else list(reversed(layouts))
             for k in order:
                 out = work / f"out-{k}"
-                merge = run_measured([_venv_bin("weightmerge"), "merge", str(cfgs[k]), str(out), "--quiet"])
+                merge = run_measured([venv_bin("weightmerge"), "merge", str(cfgs[k]), str(out), "--quiet"])
                 shutil.rmtree(out, ignore_errors=True)
                 floor = run_measured([sys.executable, str(HERE / "io_floor.py"), str(out), *inputs[k]])
                 shutil.rmtree(out, ignore_errors=True)
-                start = run_measured([_venv_bin("weightmerge"), "--help"])
+                start = run_measured([venv_bin("weightmerge"), "--help"])
                 for r in (merge, floor, start):
                     if r.rc != 0:
                         print(r.stderr_tail, file=sys.stderr)

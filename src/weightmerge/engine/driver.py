@@ -255,13 +255,13 @@ def _run_pass(
 
     def reduce_chunk(name: str, ctx: TensorCtx) -> None:
         nonlocal current
-        if current is not None and name != current:
-            close_tensor(current)
         if name != current:
+            if current is not None:
+                close_tensor(current)
             rows_total = inp.shapes[name][0] if len(inp.shapes[name]) >= 2 else 1
             for r in reduces:
                 pending[r.key].start(rows_total)
-        current = name
+            current = name
         for r in reduces:
             pending[r.key].add(r.fn(ctx))
 

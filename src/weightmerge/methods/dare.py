@@ -37,13 +37,6 @@ RESCALE_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
 NORMALIZE_EPS = 1e-8  # mergekit: a weight sum below this (in magnitude) divides by 1
 
 
-def keep_mask(ctx: TensorCtx, model: int, density: float) -> Tensor:
-    """Bool keep mask of model ``model``'s chunk: its slice of the tensor's seeded uniform draws."""
-    row = ctx.x[model]
-    u = uniform(ctx.seed, ctx.name, model, ctx.element_offset, row.numel(), math.prod(ctx.full_shape))
-    return (u.to(row.device) < density).reshape(row.shape)
-
-
 def drop_and_rescale(delta: Tensor, keep: Tensor, *, density: float, rescale: str) -> None:
     """In place on one model's delta: zero the dropped entries, then rescale the kept ones."""
     _drop_and_rescale(delta, keep.logical_not(), density=density, rescale=rescale)
@@ -74,8 +67,9 @@ def _draw_pool() -> ThreadPoolExecutor:
 
 
 def dare_deltas(ctx: TensorCtx, densities: Sequence[float], *, rescale: str) -> Tensor:
-    """DARE-process every model row of ``ctx.x`` in place and return it (the keep rule u < density
-    of ``keep_mask``, applied as its complement u >= density: u is never NaN)."""
+    """DARE-process every model row of ``ctx.x`` in place and return it. Model i keeps the entries
+    whose seeded uniform draw u (its slice of the tensor's draws) is < density; the drop mask is
+    the complement u >= density (u is never NaN)."""
     todo = [(i, d) for i, d in enumerate(densities) if d < 1]
     if not todo:
         return ctx.x

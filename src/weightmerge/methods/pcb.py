@@ -162,9 +162,8 @@ def _task_vectors(ctx: TensorCtx, *, inplace: bool, check: bool = True) -> Tenso
     and infinities (global scope checks them in its first sweep only: later sweeps read the same
     values)."""
     t = ctx.x.reshape(ctx.n_models, -1)
-    if (
-        check and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all())
-    ):  # finite sum: all finite
+    # a finite sum proves every entry finite; only a non-finite one takes the exact look
+    if check and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"pcb: NaN or infinite task-vector entries in tensor {ctx.name!r}")
     rates = ctx.params["dare_drop_rate"]
     if any(rates):
