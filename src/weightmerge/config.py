@@ -464,9 +464,23 @@ class MergeConfig:
                     out[p.name] = v
         return out
 
+    def per_tensor_params(self) -> frozenset[str]:
+        """Names of the parameters set with a filter or a gradient somewhere (global or per model):
+        their values exist per tensor only, so :meth:`model_params` leaves them out."""
+        settings = [self.parameters, *(e.parameters for e in self.models)]
+        return frozenset(k for s in settings for k, v in s.items() if _is_varying(v))
+
     def resolved_model_params(self) -> dict[str, Any]:
-        """:meth:`model_params` checked and completed by ``resolve_params`` (defaults filled)."""
-        return resolve_params(self.spec, self.model_params(), self.n_models, where=" (config)")
+        """:meth:`model_params` checked and completed by ``resolve_params`` (defaults filled). A
+        required parameter set per tensor (a filter or gradient) is None here; every tensor's own
+        value is checked by :meth:`params_by_tensor`."""
+        return resolve_params(
+            self.spec,
+            self.model_params(),
+            self.n_models,
+            where=" (config)",
+            per_tensor=self.per_tensor_params(),
+        )
 
     def params_by_tensor(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Resolved parameters of every tensor in ``names`` (resolve_params applied), computed
@@ -841,7 +855,10 @@ class _Loader:
             source=source,
             notes=tuple(self.notes),
         )
-        try:  # model-level check with the values that hold outside filters/gradients
+        # model-level check with the values that hold outside the layer stack (a gradient's first
+        # value, a filter list's catch-all): a required parameter that no filter gives to a tensor
+        # outside every filter is refused here, before any checkpoint is opened
+        try:
             resolved = resolve_params(
                 spec, cfg.raw_params_for("", layer_index=None, num_layers=None), n, where=" (config)"
             )
