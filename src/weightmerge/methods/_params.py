@@ -5,9 +5,10 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from weightmerge.methods.base import MethodSpec, Param
+if TYPE_CHECKING:  # annotations only: the config reads parameters without importing torch
+    from weightmerge.methods.base import MethodSpec, Param
 
 
 def did_you_mean(word: str, options: Sequence[str]) -> str:

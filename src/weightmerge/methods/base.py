@@ -62,6 +62,8 @@ class Param:
     high_open: bool = False  # True: value must be < high (else <=)
     required: bool = False
     tensor_scoped: bool = True  # may vary per tensor (filters / gradients); False = model-level
+    # YAML values mergekit spells differently, read as ours: ((mergekit value, our value), ...)
+    mergekit_values: tuple[tuple[Any, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,12 @@ class MethodSpec:
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
     # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+    # mergekit parameters of this method that change nothing here: accepted with a note, dropped.
+    # ((name, why), ...)
+    mergekit_ignored: tuple[tuple[str, str], ...] = ()
+    # A note for configs that set base_model without listing it under models, when that differs
+    # from mergekit (linear: mergekit averages the base in).
+    unlisted_base_note: str | None = None
 
     def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
         return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)

@@ -179,6 +179,7 @@ def _params(normalize_help: str) -> tuple[Param, ...]:
             "l1: match each task vector's L1 norm (mergekit); inverse_keep: 1/density (DARE paper); none",
             choices=("l1", "inverse_keep", "none"),
             tensor_scoped=False,
+            mergekit_values=((True, "l1"), (False, "none")),
         ),
     )
 

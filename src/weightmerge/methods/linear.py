@@ -42,4 +42,6 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
+    unlisted_base_note="base_model is not averaged in: list it under 'models' to include it (mergekit's "
+    "linear adds it with the global weight)",
 )
