@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from weightmerge._deferred import defer
+
+    defer()  # torch, numba, transformers: imported where tensor data is first touched, not before
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
-from weightmerge.engine.plan import parse_size
 
 
 def _run(args: argparse.Namespace) -> int:
+    from weightmerge.cli.validate import require_paths
     from weightmerge.config import load_config
-    from weightmerge.engine.merge import MergeOptions, merge_config
 
     cfg = load_config(args.config)
+    require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
+    if os.path.lexists(args.out) and not args.force:
+        raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
+
+    from weightmerge.engine.merge import MergeOptions, merge_config
+    from weightmerge.engine.plan import parse_size
+
     opts = MergeOptions(
         shard_size=parse_size(args.shard_size) or 0,
         max_memory=parse_size(args.max_memory),
         force=args.force,
-        quiet=args.quiet,
+        quiet=args.quiet or not sys.stderr.isatty(),  # the progress bar: on a terminal only
         threads=args.threads,
         prefetch=not args.no_prefetch,
         copy_tokenizer=not args.no_copy_tokenizer,
@@ -57,5 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-prefetch", action="store_true", help="do not read the next tensor while computing")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no summary line (the bar is shown on a terminal only)",
+    )
     p.set_defaults(func=_run)

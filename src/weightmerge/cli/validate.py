@@ -6,19 +6,27 @@ import argparse
 import json
 import os
 
-from weightmerge.config import ConfigError, load_config
+from weightmerge.config import ConfigError, MergeConfig, load_config
 
 
-def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+def require_paths(cfg: MergeConfig) -> None:
+    """Every model, adapter, statistics and tokenizer path the config names exists, else a
+    ConfigError naming the first missing one."""
     missing = [p for p in cfg.referenced_paths() if not os.path.exists(p)]
-    if args.check_paths and missing:
+    if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConfigError(
             f"not found: {missing[0]}{more}; weightmerge reads local checkpoints only "
             "(download hub models first)",
             source=cfg.source,
         )
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    missing = [p for p in cfg.referenced_paths() if not os.path.exists(p)]
+    if args.check_paths:
+        require_paths(cfg)
     if args.json:
         print(
             json.dumps(

@@ -273,11 +273,9 @@ class MergeConfig:
             else:
                 shown = f"{p.default!r} (default)"
             lines.append(f"  {p.name}: {shown}")
-        out = self.output_dtype
-        lines.append(
-            f"compute dtype: {str(self.compute_dtype).removeprefix('torch.')}; output dtype: "
-            + (str(out).removeprefix("torch.") if out is not None else "as the base model")
-        )
+        out = self.out_dtype or self.dtype  # names, not torch dtypes: validate does not load torch
+        compute = "float64" if self.dtype == "float64" else "float32"
+        lines.append(f"compute dtype: {compute}; output dtype: {out or 'as the base model'}")
         lines.append(f"seed: {self.seed}")
         if self.exclude:
             lines.append(f"exclude (kept at the base value): {list(self.exclude)}")

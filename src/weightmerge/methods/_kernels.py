@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-Tensor = torch.Tensor
-_DTYPES = (torch.float32, torch.float64)
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @functools.cache
@@ -41,7 +42,9 @@ def usable(*tensors: Tensor) -> bool:
     if not tensors or _module() is None:
         return False
     dt = tensors[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dt and dt in _DTYPES for t in tensors)
+    return all(
+        t.device.type == "cpu" and t.dtype == dt and dt in (torch.float32, torch.float64) for t in tensors
+    )
 
 
 def _threads() -> None:

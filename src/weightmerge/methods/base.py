@@ -38,11 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,7 +33,9 @@ from weightmerge.methods._random import uniform
 from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 RESCALE_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
 NORMALIZE_EPS = 1e-8  # mergekit: a weight sum below this (in magnitude) divides by 1
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,7 +50,9 @@ from weightmerge.methods.base import (
     row_partials,
 )
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 L1_BEFORE = "ties.l1_before"
 L1_AFTER = "ties.l1_after"
 MAJORITY = "ties.majority"
