@@ -152,3 +152,24 @@ def test_inspect_recognises_an_emr_artifact(tmp_path: Path, capsys) -> None:
     assert main(["inspect", str(tmp_path / "art")]) == 0
     out = capsys.readouterr().out
     assert "EMR artifact" in out and "rescaler" in out
+
+
+def test_numba_notice_only_without_a_cache(tmp_path: Path, monkeypatch) -> None:
+    from weightmerge.methods._kernels import _compiled_before
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    mod = tmp_path / "_numba_kernels.py"
+    mod.write_text("")
+    assert not _compiled_before(str(mod))
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "_numba_kernels.ties_merge-67.py311.nbi").write_bytes(b"")
+    assert _compiled_before(str(mod))
+
+
+def test_demo_threads_follow_the_load() -> None:
+    from weightmerge.cli.demo import choose_threads
+
+    assert choose_threads(2, load=0.1, cores=2) == 2
+    assert choose_threads(2, load=1.2, cores=2) == 1
+    assert choose_threads(2, load=16.0, cores=2) == 1
+    assert choose_threads(4, load=2.0, cores=16) == 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,27 @@ def _module() -> ModuleType | None:
         from weightmerge.methods import _numba_kernels
     except ImportError:  # numba missing or broken: the torch code runs
         return None
+    if not _compiled_before(_numba_kernels.__file__):
+        print(
+            "weightmerge: compiling the numba kernels on first use (up to a minute; cached for later runs)",
+            file=sys.stderr,
+            flush=True,
+        )
     return _numba_kernels
+
+
+def _compiled_before(module_file: str) -> bool:
+    """Whether numba's on-disk cache (``cache=True``) holds compiled kernels of this module: next
+    to it in __pycache__, or under $NUMBA_CACHE_DIR."""
+    stem = os.path.splitext(os.path.basename(module_file))[0]
+    roots = [os.path.join(os.path.dirname(module_file), "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        roots.append(os.environ["NUMBA_CACHE_DIR"])
+    for root in roots:
+        for _dir, _subdirs, files in os.walk(root):
+            if any(f.startswith(stem + ".") and f.endswith(".nbi") for f in files):
+                return True
+    return False
 
 
 def enabled() -> bool:
