@@ -171,7 +171,7 @@ def test_method_bounds_and_objective_are_checked(root: Path) -> None:
     with pytest.raises(SearchConfigError, match="density"):
         parse_search_config(data)
     data = h.search_config(root, objective="accuracy", output_dir=str(root / "obj"))
-    with pytest.raises(ValueError, match="objective 'accuracy' is not among the scores.*neg_sq_error"):
+    with pytest.raises(ValueError, match=r"objective .accuracy. is not among the scores.*neg_sq_error"):
         run_search(parse_search_config(data), log=quiet, force=True)
     data = h.search_config(root, evaluator={"python": "search_helpers:no_such_function"})
     with pytest.raises(ValueError, match="has no attribute 'no_such_function'"):
