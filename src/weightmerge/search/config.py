@@ -100,6 +100,7 @@ class LmEvalEvaluatorDoc(_Doc):
     lm_eval: list[str]  # tasks scored during the search (validation)
     test_tasks: list[str]  # the same tasks on their test data: scored once, at the end
     include_path: str | None = None  # folder of local task YAMLs
+    include_defaults: bool = True  # also index lm_eval's own tasks (slow: thousands of YAML files)
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=8, ge=1)
     model_dir: str | None = None  # config/tokenizer folder (default: base_model)

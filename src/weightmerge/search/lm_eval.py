@@ -21,6 +21,7 @@ class LmEvalFactory:
     tasks: tuple[str, ...]
     test_tasks: tuple[str, ...]
     include_path: str | None = None
+    include_defaults: bool = True
     limit: int | None = None
     batch_size: int = 8
 
@@ -68,7 +69,7 @@ class LmEvalEvaluator:
         self.model.eval()
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
         self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=spec.batch_size, device="cpu")
-        self.tasks = TaskManager(include_path=spec.include_path) if spec.include_path else TaskManager()
+        self.tasks = TaskManager(include_path=spec.include_path, include_defaults=spec.include_defaults)
 
     def _load(self, state: Mapping[str, Any]) -> None:
         import torch

@@ -97,6 +97,7 @@ def prepare(cfg: SearchConfig, *, progress: bool, log: Log) -> tuple[Template, I
         tasks=tuple(doc.lm_eval),
         test_tasks=tuple(doc.test_tasks),
         include_path=None if doc.include_path is None else str(Path(cfg.base_dir, doc.include_path)),
+        include_defaults=doc.include_defaults,
         limit=doc.limit,
         batch_size=doc.batch_size,
     )
