@@ -37,6 +37,7 @@ class MergeOptions:
     prefetch: bool = True
     copy_tokenizer: bool = True
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
+    allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
 
 
 @dataclass
@@ -184,6 +185,7 @@ def merge_config(
                         quiet=opts.quiet,
                         prefetch=opts.prefetch,
                         device=device,
+                        allow_nonfinite=opts.allow_nonfinite,
                     )
                     timings.update(t)
                     t2 = time.perf_counter()
