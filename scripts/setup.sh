@@ -30,10 +30,10 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || { say "creating the virtual environment .venv"; "$PY" -m venv .venv; }
 say "torch 2.13.0 into .venv (the largest download; pip shows nothing until it is done)"
 pipq "torch==2.13.0"
-say "weightmerge with its eval and dev extras (transformers, numba, pytest, ...) into .venv"
-pipq -e ".[eval,dev]"
+say "weightmerge with its eval, search and dev extras (transformers, numba, optuna, pytest, ...) into .venv"
+pipq -e ".[eval,search,dev]"
 if [ "${1:-}" = "--test" ]; then
-  say "test oracles: mergekit 0.1.5, fusion-bench 0.2.33, peft"
+  say "test oracles: mergekit 0.1.5, fusion-bench 0.2.33, peft, ray, lm_eval"
   # test-only oracle: mergekit 0.1.5 (its in-memory API and mergekit-yaml); torch 2.13.0 already
   # satisfies its torch>=2.0, so nothing pulls another torch.
   pipq "mergekit==0.1.5"
@@ -41,6 +41,9 @@ if [ "${1:-}" = "--test" ]; then
   pipq "fusion-bench==0.2.33"
   # PEFT oracle (tests/test_io_peft.py: merge_and_unload); --no-deps keeps torch as installed
   pipq --no-deps "peft>=0.17" "accelerate>=1.0"  # usually already pulled in by fusion-bench
+  # weightmerge search: Ray (--ray, tests/test_search_parallel.py) and lm-evaluation-harness (the
+  # lm_eval evaluator, tests/test_search_lm_eval.py); neither pulls another torch
+  pipq "ray==2.60.0" "lm_eval==0.4.13"
 fi
 .venv/bin/python -c "import torch, weightmerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 say "done: .venv/bin/weightmerge is ready"

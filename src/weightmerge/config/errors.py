@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+MAX_MESSAGE = 2000
+
 
 class ConfigError(ValueError):
     """A config the user must fix. ``str()`` is one line: ``FILE: LOCATION: MESSAGE``."""
 
     def __init__(self, message: str, *, location: str = "", source: str | None = None) -> None:
         self.message = " ".join(message.split())  # always one line
+        if len(self.message) > MAX_MESSAGE:  # values quoted in messages are untrusted in size
+            self.message = self.message[: MAX_MESSAGE - 3] + "..."
         self.location = location
         self.source = source
         super().__init__(self._text())

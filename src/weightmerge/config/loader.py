@@ -16,6 +16,7 @@ from weightmerge.config.model import MergeConfig, ModelEntry, ModelRef
 from weightmerge.config.schema import MergeDocument, check_keys, dtype_name, precheck, pydantic_error
 from weightmerge.config.settings import Setting, parse_setting
 from weightmerge.methods._params import did_you_mean, resolve_params
+from weightmerge.safe_yaml import YAMLTooLarge, load_yaml
 
 if TYPE_CHECKING:
     from weightmerge.methods.base import MethodSpec, Param
@@ -284,7 +285,11 @@ def load_config(
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read config: {err}", source=source) from None
         try:
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text)
+        except YAMLTooLarge as err:
+            raise ConfigError(str(err), source=source) from None
+        except RecursionError:
+            raise ConfigError("invalid YAML: nested too deeply", source=source) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from weightmerge.config.errors import ConfigError
 from weightmerge.methods._params import did_you_mean
+from weightmerge.safe_yaml import excerpt
 
 FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -100,7 +101,7 @@ def pydantic_error(err: ValidationError) -> ConfigError:
     if e["type"] == "missing":
         msg = "missing (required)"
     elif "input" in e and e["type"] != "missing":
-        msg = f"{msg}, got {type(e['input']).__name__} {e['input']!r}"
+        msg = f"{msg}, got {type(e['input']).__name__} {excerpt(e['input'])}"
     return ConfigError(msg, location=loc)
 
 
