@@ -57,5 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def mergekit_yaml(argv: Sequence[str] | None = None) -> int:
+    """``weightmerge-yaml CONFIG OUT [mergekit flags]``: ``weightmerge merge`` under a name and
+    argument order that scripts written for ``mergekit-yaml`` expect."""
+    return main(["merge", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 
 def _run(args: argparse.Namespace) -> int:
+    from weightmerge.cli.mergekit_flags import mapped
     from weightmerge.cli.validate import require_paths
-    from weightmerge.config import load_config
+    from weightmerge.config import FLOAT_DTYPES, load_config
 
+    mk = mapped(args)
     cfg = load_config(args.config)
+    if mk.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=mk.seed)
     require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
     if os.path.lexists(args.out) and not args.force:
         raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
@@ -19,16 +24,25 @@ def _run(args: argparse.Namespace) -> int:
     from weightmerge.engine.merge import MergeOptions, merge_config
     from weightmerge.engine.plan import parse_size
 
+    shard_size = parse_size(args.shard_size) or 0
+    if mk.shard_params is not None:  # mergekit counts parameters; 2 bytes each unless a dtype says
+        name = cfg.out_dtype or cfg.dtype
+        itemsize = {"float32": 4, "float64": 8}.get(name or "", 2)
+        assert name is None or name in FLOAT_DTYPES
+        shard_size = mk.shard_params * itemsize
+    for note in mk.notes:
+        print(f"weightmerge: note: {note}", file=sys.stderr)
     opts = MergeOptions(
-        shard_size=parse_size(args.shard_size) or 0,
+        shard_size=shard_size,
         max_memory=parse_size(args.max_memory),
         force=args.force,
         quiet=args.quiet or not sys.stderr.isatty(),  # the progress bar: on a terminal only
-        threads=args.threads,
+        threads=mk.threads or args.threads,
         prefetch=not args.no_prefetch,
-        copy_tokenizer=not args.no_copy_tokenizer,
-        device=args.device,
+        copy_tokenizer=not args.no_copy_tokenizer if mk.copy_tokenizer is None else mk.copy_tokenizer,
+        device=mk.device or args.device,
         allow_nonfinite=args.allow_nonfinite,
+        write_card=mk.write_card is not False,
     )
     report = merge_config(cfg, args.out, opts)
     if not args.quiet:
@@ -75,4 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no progress bar and no summary line (the bar is shown on a terminal only)",
     )
+    from weightmerge.cli import mergekit_flags
+
+    mergekit_flags.register(p)
     p.set_defaults(func=_run)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from weightmerge.config.errors import ConfigError
 from weightmerge.config.model import MergeConfig, ModelEntry, ModelRef
 from weightmerge.config.schema import MergeDocument, check_keys, dtype_name, precheck, pydantic_error
-from weightmerge.config.settings import Setting, parse_setting
+from weightmerge.config.settings import Filtered, Gradient, Setting, parse_setting
 from weightmerge.methods._params import did_you_mean, resolve_params
 from weightmerge.safe_yaml import YAMLTooLarge, load_yaml
 
@@ -128,12 +128,17 @@ class _Loader:
         if base is not None and base.lora is not None:
             self.notes.append(f"base_model is {base.path} with adapter {base.lora} applied")
 
-        entries: list[ModelEntry] = []
-        for i, e in enumerate(doc.models):
+        inputs: list[tuple[str, ModelRef, dict[str, Setting]]] = []
+        slice_params: Mapping[str, Any] | None = None
+        if doc.slices is not None:
+            inputs, base, slice_params = self.slices(spec, doc, base)
+        for i, e in enumerate(doc.models or []):
             loc = f"models[{i}]"
-            ref = self.model_ref(e.model, f"{loc}.model")
-            ref = self.adapter_dir(ref, base, loc)
-            params = self.settings(spec, e.parameters, f"{loc}.parameters", per_model=True)
+            ref = self.adapter_dir(self.model_ref(e.model, f"{loc}.model"), base, loc)
+            inputs.append((loc, ref, self.settings(spec, e.parameters, f"{loc}.parameters", per_model=True)))
+
+        entries: list[ModelEntry] = []
+        for loc, ref, params in inputs:
             if base is not None and ref == base and spec.needs_base:
                 self.notes.append(
                     f"{loc} is the base model: method {spec.name!r} takes the base separately, so it is not "
@@ -164,6 +169,19 @@ class _Loader:
             self.notes.append(spec.unlisted_base_note)
 
         glob = self.settings(spec, doc.parameters, "parameters", per_model=False)
+        if slice_params:  # the one slice's own parameters override the global ones
+            glob |= self.settings(spec, slice_params, "slices[0].parameters", per_model=False)
+        if doc.slices is not None and len(doc.slices) > 1:
+            varying = [f"parameters.{k}" for k, v in glob.items() if _has_gradient(v)] + [
+                f"{loc}.parameters.{k}" for loc, _r, ps in inputs for k, v in ps.items() if _has_gradient(v)
+            ]
+            if varying:
+                raise ConfigError(
+                    f"a gradient ({varying[0]}) over several slices: mergekit restarts it in every slice; "
+                    "weightmerge spreads gradients over one layer stack only. Use one slice, or plain "
+                    "values and filters",
+                    location="slices",
+                )
         for p in spec.params:  # statistics: every model or none
             if p.kind == "stats":
                 given = [i for i, x in enumerate(entries) if p.name in x.parameters]
@@ -217,6 +235,83 @@ class _Loader:
             raise ConfigError(str(err), location="parameters") from None
         return cfg
 
+    def slices(
+        self, spec: MethodSpec, doc: MergeDocument, base: ModelRef | None
+    ) -> tuple[list[tuple[str, ModelRef, dict[str, Setting]]], ModelRef | None, Mapping[str, Any] | None]:
+        """mergekit's ``slices:`` as stacked models: source ``j`` of every slice (the base model's
+        source set aside) makes model ``j``, the base model's sources make the base. Returns the
+        models (location, reference, own settings), the base and the one slice's parameters."""
+        slices = doc.slices or []
+        per_slice: list[list[tuple[str, ModelRef, int, int, Any]]] = []
+        for i, sl in enumerate(slices):
+            loc = f"slices[{i}]"
+            for key in ("base_model", "residual_weight"):
+                if getattr(sl, key) is not None:
+                    raise ConfigError(f"not supported: a slice's own {key}", location=f"{loc}.{key}")
+            if sl.parameters and len(slices) > 1:
+                raise ConfigError(
+                    "not supported: parameters of one slice among several (put them in 'parameters' "
+                    "or on the sources)",
+                    location=f"{loc}.parameters",
+                )
+            row = []
+            for j, src in enumerate(sl.sources):
+                where = f"{loc}.sources[{j}]"
+                ref = self.model_ref(src.model, f"{where}.model")
+                if ref.lora is not None:
+                    raise ConfigError(
+                        "not supported: a PEFT adapter inside a slice", location=f"{where}.model"
+                    )
+                rng = src.layer_range
+                if len(rng) != 2 or not 0 <= rng[0] < rng[1]:
+                    raise ConfigError(
+                        f"layer_range is [start, stop) with 0 <= start < stop, got {rng}",
+                        location=f"{where}.layer_range",
+                    )
+                row.append((where, ref, rng[0], rng[1], src.parameters))
+            lengths = {b - a for _w, _r, a, b, _p in row}
+            if len(lengths) > 1:
+                raise ConfigError(
+                    f"every source of a slice spans the same number of layers, got {sorted(lengths)}",
+                    location=loc,
+                )
+            per_slice.append(row)
+        base_stack: list[tuple[str, int, int]] = []
+        if base is not None:
+            for i, row in enumerate(per_slice):
+                hits = [k for k, (_w, ref, _a, _b, _p) in enumerate(row) if ref.path == base.path]
+                if not hits and spec.needs_base:
+                    raise ConfigError(
+                        f"base_model {base.path} is not among this slice's sources; mergekit takes each "
+                        "slice's base from its sources",
+                        location=f"slices[{i}]",
+                    )
+                if hits:
+                    _w, ref, a, b, _p = row.pop(hits[0]) if spec.needs_base else row[hits[0]]
+                    base_stack.append((ref.path, a, b))
+            if base_stack and len(base_stack) == len(per_slice):
+                base = ModelRef(base_stack[0][0], layers=tuple(base_stack))
+        counts = {len(row) for row in per_slice}
+        if len(counts) > 1:
+            raise ConfigError(
+                f"every slice merges the same number of sources here, got {sorted(counts)} "
+                "(not counting the base model)",
+                location="slices",
+            )
+        out: list[tuple[str, ModelRef, dict[str, Setting]]] = []
+        for j in range(counts.pop()):
+            where = per_slice[0][j][0]
+            stack = tuple((row[j][1].path, row[j][2], row[j][3]) for row in per_slice)
+            raws = [row[j][4] or {} for row in per_slice]
+            if any(r != raws[0] for r in raws[1:]):
+                raise ConfigError(
+                    "not supported: different parameters for one model position in different slices",
+                    location=f"slices[*].sources[{j}].parameters",
+                )
+            params = self.settings(spec, raws[0], f"{where}.parameters", per_model=True)
+            out.append((where, ModelRef(stack[0][0], layers=stack), params))
+        return out, base, slices[0].parameters if len(slices) == 1 else None
+
     def adapter_dir(self, ref: ModelRef, base: ModelRef | None, loc: str) -> ModelRef:
         """A ``models:`` entry that is a PEFT adapter directory means base_model + adapter."""
         if ref.lora is not None or not os.path.isfile(os.path.join(ref.path, ADAPTER_CONFIG)):
@@ -259,6 +354,12 @@ class _Loader:
                 raise ConfigError("'base' needs a base_model", location=loc)
             return "base"
         return self.path(source, loc)
+
+
+def _has_gradient(s: Setting) -> bool:
+    if isinstance(s, Filtered):
+        return any(_has_gradient(c.value) for c in s.conditions)
+    return isinstance(s, Gradient)
 
 
 def load_config(

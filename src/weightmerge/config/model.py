@@ -38,8 +38,13 @@ class ModelRef:
 
     path: str
     lora: str | None = None
+    # mergekit's slices: the model is these layer ranges [start, stop) of these checkpoints, stacked
+    # (weightmerge.io.stack.LayerStack); ``path`` is then the first range's checkpoint
+    layers: tuple[tuple[str, int, int], ...] = ()
 
     def __str__(self) -> str:
+        if self.layers:
+            return " + ".join(f"{p}[{a}:{b}]" for p, a, b in self.layers)
         return self.path if self.lora is None else f"{self.path}+{self.lora}"
 
     def to_yaml_value(self) -> str | dict[str, str]:
@@ -52,6 +57,8 @@ class ModelRef:
         return f"{self.path}+{self.lora}"
 
     def paths(self) -> list[str]:
+        if self.layers:
+            return list(dict.fromkeys(p for p, _a, _b in self.layers))
         return [self.path] if self.lora is None else [self.path, self.lora]
 
 
@@ -232,15 +239,37 @@ class MergeConfig:
         out: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model is not None:
             out["base_model"] = self.base_model.to_yaml_value()
-        out["models"] = [
-            {"model": e.model.to_yaml_value()}
-            | (
-                {"parameters": {k: setting_to_data(v) for k, v in e.parameters.items()}}
-                if e.parameters
-                else {}
-            )
-            for e in self.models
-        ]
+        if self.models[0].model.layers:  # written back as mergekit's slices
+            if self.base_model is not None and self.base_model.layers:
+                out["base_model"] = self.base_model.layers[0][0]
+            stacks = [e.model for e in self.models]
+            if self.base_model is not None and self.base_model.layers and self.base_model not in stacks:
+                stacks.insert(0, self.base_model)
+            own = {e.model: e.parameters for e in self.models}
+            out["slices"] = [
+                {
+                    "sources": [
+                        {"model": ref.layers[i][0], "layer_range": list(ref.layers[i][1:])}
+                        | (
+                            {"parameters": {k: setting_to_data(v) for k, v in own[ref].items()}}
+                            if own.get(ref)
+                            else {}
+                        )
+                        for ref in stacks
+                    ]
+                }
+                for i in range(len(self.models[0].model.layers))
+            ]
+        else:
+            out["models"] = [
+                {"model": e.model.to_yaml_value()}
+                | (
+                    {"parameters": {k: setting_to_data(v) for k, v in e.parameters.items()}}
+                    if e.parameters
+                    else {}
+                )
+                for e in self.models
+            ]
         out["parameters"] = params
         for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
             if getattr(self, key) is not None:

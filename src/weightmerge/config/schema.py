@@ -15,8 +15,6 @@ from weightmerge.safe_yaml import excerpt
 FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 COMPUTE_DTYPES = ("float32", "float64")
 UNSUPPORTED_TOP_LEVEL = {
-    "slices": "'slices:' (layer ranges) is not supported yet; when every source spans all layers (the usual "
-    "slerp config), list the models under 'models:' instead",
     "modules": "'modules:' (per-module merges) is not supported yet; list whole models under 'models:'",
 }
 
@@ -31,6 +29,19 @@ class TokenizerSection(_Doc):
     pad_to_multiple_of: int | None = None
 
 
+class SliceSourceDoc(_Doc):
+    model: Any
+    layer_range: list[int]
+    parameters: dict[str, Any] | None = None
+
+
+class SliceDoc(_Doc):
+    sources: list[SliceSourceDoc] = Field(min_length=1)
+    base_model: Any = None
+    residual_weight: Any = None
+    parameters: dict[str, Any] | None = None
+
+
 class ModelEntryDoc(_Doc):
     model: Any
     parameters: dict[str, Any] | None = None
@@ -41,7 +52,8 @@ class MergeDocument(_Doc):
 
     merge_method: str
     base_model: Any = None
-    models: list[ModelEntryDoc]
+    models: list[ModelEntryDoc] | None = None
+    slices: list[SliceDoc] | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -54,6 +66,8 @@ class MergeDocument(_Doc):
 
 TOP_KEYS = tuple(MergeDocument.model_fields)
 ENTRY_KEYS = tuple(ModelEntryDoc.model_fields)
+SLICE_KEYS = tuple(SliceDoc.model_fields)
+SOURCE_KEYS = tuple(SliceSourceDoc.model_fields)
 TOKENIZER_KEYS = tuple(TokenizerSection.model_fields)
 
 
@@ -80,8 +94,17 @@ def precheck(raw: Mapping[str, Any]) -> None:
         if key in raw:
             raise ConfigError(why, location=key)
     check_keys(raw, TOP_KEYS, "")
-    if "models" not in raw:
-        raise ConfigError("missing: list the models to merge under 'models:'", location="models")
+    if ("models" in raw) == ("slices" in raw):
+        raise ConfigError(
+            "list the models to merge under 'models:' (or layer ranges under 'slices:'; not both)",
+            location="models",
+        )
+    for i, sl in enumerate(raw.get("slices") or []):
+        if isinstance(sl, Mapping):
+            check_keys(sl, SLICE_KEYS, f"slices[{i}]")
+            for j, src in enumerate(sl.get("sources") or []):
+                if isinstance(src, Mapping):
+                    check_keys(src, SOURCE_KEYS, f"slices[{i}].sources[{j}]")
     if isinstance(raw.get("models"), list):
         for i, entry in enumerate(raw["models"]):
             if isinstance(entry, str):

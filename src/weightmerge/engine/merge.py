@@ -38,6 +38,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
     allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
+    write_card: bool = True  # README.md (the model card) next to the weights
 
 
 @dataclass
@@ -51,6 +52,14 @@ class MergeReport:
 def open_ref(ref: ModelRef) -> TensorSource:
     from weightmerge.io.sources import open_source
 
+    if ref.layers:  # mergekit's slices: layer ranges of checkpoints, stacked
+        from weightmerge.io.stack import LayerStack
+
+        opened: dict[str, TensorSource] = {}
+        for path, _a, _b in ref.layers:
+            if path not in opened:
+                opened[path] = open_source(path)
+        return LayerStack([(opened[p], a, b) for p, a, b in ref.layers], path=str(ref))
     if ref.lora is None:
         return open_source(ref.path)
     return open_source(ref.lora, base=open_source(ref.path))
@@ -204,15 +213,16 @@ def merge_config(
             if cfg.chat_template and not (tmp / "chat_template.jinja").exists():
                 resolved["chat_template"] = cfg.chat_template
             (tmp / "weightmerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            (tmp / "README.md").write_text(
-                model_card(
-                    method=plan.method,
-                    base_model=str(cfg.base_model) if cfg.base_model is not None else None,
-                    models=[str(e.model) for e in cfg.models],
-                    resolved_config=resolved,
-                    extra=list(cfg.notes) + plan.notes,
+            if opts.write_card:
+                (tmp / "README.md").write_text(
+                    model_card(
+                        method=plan.method,
+                        base_model=str(cfg.base_model) if cfg.base_model is not None else None,
+                        models=[str(e.model) for e in cfg.models],
+                        resolved_config=resolved,
+                        extra=list(cfg.notes) + plan.notes,
+                    )
                 )
-            )
     finally:
         inputs.close()
     timings["total_s"] = time.perf_counter() - t0
