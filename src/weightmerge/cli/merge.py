@@ -17,7 +17,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if mk.seed is not None:
         cfg = dataclasses.replace(cfg, seed=mk.seed)
-    require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
+    cfg = require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
     if os.path.lexists(args.out) and not args.force:
         raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
 

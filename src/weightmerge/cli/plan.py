@@ -11,7 +11,7 @@ def _run(args: argparse.Namespace) -> int:
     from weightmerge.config import load_config
 
     cfg = load_config(args.config)
-    require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
+    cfg = require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
 
     from weightmerge.engine.merge import open_and_plan
     from weightmerge.engine.plan import parse_size

@@ -25,6 +25,32 @@ if TYPE_CHECKING:
 # with a note and dropped. Method-specific ones are declared on the method (MethodSpec.mergekit_ignored).
 MERGEKIT_IGNORED = {"int8_mask": "mergekit's int8 mask storage only saves memory"}
 ADAPTER_CONFIG = "adapter_config.json"
+# A Hugging Face model id as mergekit accepts it: org/name, optionally @revision
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# What a merge reads from a Hub repository: weights, configs, tokenizer files
+HUB_FILES = ["*.safetensors", "*.json", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(repo: str, revision: str | None, *, download: bool) -> str | None:
+    """The local folder of a Hugging Face model: from the cache (``download=False``), else
+    downloaded into it. None when it is not cached (or cannot be downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:  # the environment is read here, not when huggingface_hub was imported
+        return str(
+            snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                local_files_only=offline or not download,
+                allow_patterns=HUB_FILES,
+            )
+        )
+    except Exception:  # not cached / offline / no such repo: the caller names the model
+        return None
 
 
 class _Loader:
@@ -34,6 +60,7 @@ class _Loader:
         self.doc = doc
         self.base_dir = base_dir
         self.notes: list[str] = []
+        self.hub_ids: dict[str, str] = {}  # local path -> Hugging Face id it stands for
 
     def path(self, value: Any, location: str) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -42,6 +69,23 @@ class _Loader:
             )
         return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value.strip())))
 
+    def model_path(self, value: Any, location: str) -> str:
+        """A checkpoint path; a Hugging Face id (``org/name``, ``org/name@revision``) that is not a
+        local folder is looked up in the Hugging Face cache (no network here); one not cached yet is
+        remembered in ``hub_ids`` so that merge/plan can download it."""
+        p = self.path(value, location)
+        text = value.strip()
+        if os.path.exists(p) or not HUB_ID.match(text):
+            return p
+        repo, _, revision = text.partition("@")
+        local = hub_snapshot(repo, revision or None, download=False)
+        if local is not None:
+            self.notes.append(f"{location}: {text} is read from the Hugging Face cache ({local})")
+            self.hub_ids[local] = text
+            return local
+        self.hub_ids[p] = text
+        return p
+
     def model_ref(self, value: Any, location: str) -> ModelRef:
         if isinstance(value, Mapping):
             check_keys(value, ("model", "lora"), location)
@@ -49,7 +93,7 @@ class _Loader:
                 raise ConfigError("missing 'model' (the checkpoint path)", location=location)
             lora = value.get("lora")
             return ModelRef(
-                self.path(value["model"], f"{location}.model"),
+                self.model_path(value["model"], f"{location}.model"),
                 None if lora is None else self.path(lora, f"{location}.lora"),
             )
         if not isinstance(value, str):
@@ -65,7 +109,7 @@ class _Loader:
                 location=location,
             )
         return ModelRef(
-            self.path(parts[0], location), self.path(parts[1], location) if len(parts) == 2 else None
+            self.model_path(parts[0], location), self.path(parts[1], location) if len(parts) == 2 else None
         )
 
     def stats_path(self, p: Param, value: Any, location: str) -> str:
@@ -221,6 +265,7 @@ class _Loader:
             seed=doc.seed,
             exclude=tuple(doc.exclude),
             source=source,
+            hub_ids=dict(self.hub_ids),
             notes=tuple(self.notes),
         )
         # model-level check with the values that hold outside the layer stack (a gradient's first

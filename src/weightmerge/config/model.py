@@ -83,6 +83,7 @@ class MergeConfig:
     seed: int = 0
     exclude: tuple[str, ...] = ()
     source: str | None = None  # the YAML file, if loaded from one
+    hub_ids: Mapping[str, str] = field(default_factory=dict)  # local path -> the Hugging Face id it is
     notes: tuple[str, ...] = ()  # what the user should know (ignored mergekit knobs, dtype choices)
 
     # -- method -------------------------------------------------------------------------------
@@ -91,6 +92,10 @@ class MergeConfig:
         from weightmerge.methods.registry import get_method
 
         return get_method(self.merge_method)
+
+    def display_name(self, ref: ModelRef) -> str:
+        """How a model is named to people (model card): its Hugging Face id when it is one."""
+        return self.hub_ids.get(ref.path, str(ref)) if ref.lora is None and not ref.layers else str(ref)
 
     @property
     def n_models(self) -> int:

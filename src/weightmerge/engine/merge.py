@@ -217,8 +217,8 @@ def merge_config(
                 (tmp / "README.md").write_text(
                     model_card(
                         method=plan.method,
-                        base_model=str(cfg.base_model) if cfg.base_model is not None else None,
-                        models=[str(e.model) for e in cfg.models],
+                        base_model=cfg.display_name(cfg.base_model) if cfg.base_model is not None else None,
+                        models=[cfg.display_name(e.model) for e in cfg.models],
                         resolved_config=resolved,
                         extra=list(cfg.notes) + plan.notes,
                     )
