@@ -22,8 +22,9 @@ so results do not depend on tensor order or row-chunking; ``l1`` rescale needs w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -183,6 +184,12 @@ def _params(normalize_help: str) -> tuple[Param, ...]:
     )
 
 
+def _draws_nothing(p: Mapping[str, Any]) -> bool:
+    """The model order matters only through the random draws (seeded by the model's index): none
+    are made when density 1 drops nothing."""
+    return all(d >= 1 for d in p["density"])
+
+
 LINEAR_SPEC = MethodSpec(
     name="dare_linear",
     summary="DARE: drop task-vector entries at random, rescale, add the weighted sum to the base.",
@@ -190,6 +197,8 @@ LINEAR_SPEC = MethodSpec(
     params=_params("divide by the sum of weights"),
     apply=_apply_linear,
     elementwise=lambda p: p["rescale"] != "l1",
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.6}, {"density": 0.5, "rescale": "inverse_keep", "normalize": True}),
 )
 
 TIES_SPEC = MethodSpec(
@@ -199,4 +208,6 @@ TIES_SPEC = MethodSpec(
     params=_params("divide by the sum of agreeing weights"),
     apply=_apply_ties,
     elementwise=lambda p: p["rescale"] != "l1",
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.5}, {"density": 0.5, "rescale": "inverse_keep"}),
 )

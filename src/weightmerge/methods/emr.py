@@ -129,4 +129,6 @@ SPEC = MethodSpec(
     apply=_apply,
     passes=_passes,
     finalize=_finalize,
+    order_invariant=True,
+    examples=({"rescale": "global"},),
 )

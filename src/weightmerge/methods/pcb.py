@@ -299,6 +299,12 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
     )
 
 
+def _draws_nothing(p: Mapping[str, Any]) -> bool:
+    """The model order matters only through the random draws (seeded by the model's index): none
+    are made when no DARE pre-processing."""
+    return all(d == 0 for d in p["dare_drop_rate"])
+
+
 SPEC = MethodSpec(
     name="pcb",
     summary="PCB-Merging: clip outliers, score intra/inter-task competition, weighted mean of the top ratio.",
@@ -362,4 +368,10 @@ SPEC = MethodSpec(
     apply=_apply,
     passes=_passes,
     elementwise=lambda p: p["scope"] == "global",
+    order_invariant=_draws_nothing,
+    examples=(
+        {"keep_ratio": 0.2},
+        {"keep_ratio": 0.2, "scope": "per_tensor", "inter": "C"},
+        {"keep_ratio": 0.3, "dare_drop_rate": 0.3},
+    ),
 )

@@ -621,4 +621,12 @@ SPEC = MethodSpec(
     passes=_passes,
     elementwise=lambda p: effective_scope(p) == "global",
     check=_check,
+    order_invariant=True,
+    examples=(
+        {"density": 0.3},  # the fused per-tensor path
+        {"density": 0.3, "rescale": True},  # the reference per-tensor path
+        {"density": 0.2, "variant": "paper"},  # global scope, fused
+        {"density": 0.3, "scope": "global", "rescale": True},  # global scope, reference
+        {"density": 0.2, "variant": "paper", "merge_func": "sum", "lambda": 0.5},
+    ),
 )
