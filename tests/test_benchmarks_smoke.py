@@ -122,7 +122,6 @@ def test_median() -> None:
     assert bench_measure.median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
-@pytest.mark.slow
 def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     """Run a benchmarks/ script in a fresh process with this venv's tools on PATH; must exit 0."""
     cmd = [sys.executable, str(BENCH / script), *args]
@@ -132,6 +131,7 @@ def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.Complet
     return proc
 
 
+@pytest.mark.slow
 def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     """Two methods on the tiny preset, one run each: one against mergekit, one in memory."""
     pytest.importorskip("mergekit")
@@ -153,6 +153,7 @@ def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     assert "| linear |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_small_tensors_end_to_end(tmp_path: Path) -> None:
     """Tiny layouts, one round: both checked against the in-memory API, timed, summarised."""
     results = tmp_path / "results"
