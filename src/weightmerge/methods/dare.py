@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from weightmerge.methods import _kernels
+from weightmerge import kernels
 from weightmerge.methods._random import uniform
 from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
@@ -114,7 +114,7 @@ def _consensus_kernel(
     """``base + lam * consensus_sum(deltas)`` by the fused TIES kernel with no trim: the same
     operations in the same order as the torch path, in one pass."""
     n = deltas.shape[0]
-    merged, _ = _kernels.ties_merge(
+    merged, _ = kernels.ties_merge(
         deltas.reshape(n, -1),
         base.reshape(-1),
         weights,
@@ -152,7 +152,7 @@ def _apply_ties(ctx: TensorCtx) -> Tensor:
     x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
     w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
     assert ctx.base is not None
-    if _kernels.usable(ctx.base, x):  # one fused pass, same bits as the torch path
+    if kernels.usable(ctx.base, x):  # one fused pass, same bits as the torch path
         lam = float(p["lambda"])
         return _consensus_kernel(ctx.base, x, w, normalize=bool(p["normalize"]), lam=lam)
     return _finish(ctx, consensus_sum(x, w, normalize=bool(p["normalize"])))
