@@ -1,4 +1,5 @@
-"""ties: golden numbers (spec §4), hand-computed cases, a literal paper reference, properties."""
+"""ties: the worked example of docs/methods/ties.md, hand-computed cases, a literal paper
+reference, properties."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from weightmerge.methods.registry import get_method
 
 F64 = torch.float64
 
-# Spec §4 golden example (n = 3, D = 10).
+# docs/methods/ties.md#worked-example (n = 3, D = 10).
 T = torch.tensor(
     [
         [0.5, -0.2, 0.1, 0.0, 0.9, -0.4, 0.3, -0.05, 0.2, 0.6],
@@ -79,7 +80,7 @@ def test_golden_lambda_scales_and_base_added():
 
 
 def test_golden_mergekit_variant_matches_on_tie_free_tensor():
-    """Spec §4.1: mergekit keeps exactly k = floor(0.3*10) = 3 per row = paper's k+1 at K = 0.2."""
+    """docs/methods/ties.md: mergekit keeps exactly k = floor(0.3*10) = 3 per row = paper's k+1 at K = 0.2."""
     base, models = one_tensor(T)
     out = merge(base, models, {"density": 0.3}, F64)
     torch.testing.assert_close(out["t"], torch.tensor(DIS_MEAN, dtype=F64), rtol=0, atol=1e-12)
@@ -159,7 +160,8 @@ def test_zero_sign_majority_is_global_in_global_scope():
 
 
 def test_global_scope_can_zero_a_small_tensor():
-    """Spec §4.2 in miniature: one model, A = [1, 2, 3, 4], B = [0.01, 0.02], density 0.5."""
+    """Global vs per-tensor scope (docs/methods/ties.md) in miniature: one model, A = [1, 2, 3, 4],
+    B = [0.01, 0.02], density 0.5."""
     base = {"A": torch.zeros(4, dtype=F64), "B": torch.zeros(2, dtype=F64)}
     models = [
         {"A": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64), "B": torch.tensor([0.01, 0.02], dtype=F64)}

@@ -17,7 +17,7 @@ Per task, over all merged tensors (``rescale``):
 Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.api.EMRResult``).
 
 Paper: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024),
-arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (methods spec §9). The paper elects
+arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (docs/methods/emr.md). The paper elects
 with the mean, we test the sum (same sign, no underflow of sum/n). No hyper-parameters.
 
 Scope: election and masks are per element (chunkable); the rescalers are two associative sums per

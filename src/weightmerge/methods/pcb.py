@@ -14,11 +14,12 @@ Per model row i of the task vectors T (n x D), with c = ``clamp_ratio``, r = ``k
     tau    = sum_i W_i * (lambda_i * Tc_i) / max(sum_i W_i, 1e-12);   theta = theta_0 + tau
 
 Paper: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024),
-arXiv:2410.02396; semantics of duguodong7/pcb-merging (methods spec §8.2). The code differs from
-the paper (exp/tanh instead of softmax, outlier clamping, "beta - threshold" weights; spec §8.3);
-we follow the code. Variant A is ``pcb-merging.py``/NLP ``task_para_att_merge``; B and C are the
-vision scripts. ``lambda`` (scalar or one per model) is applied inside the weighted mean as in the
-vision/ES scripts; a scalar lambda equals the NLP scripts' theta_0 + lambda * tau.
+arXiv:2410.02396; semantics of duguodong7/pcb-merging (docs/methods/pcb.md). The code differs from
+the paper (exp/tanh instead of softmax, outlier clamping, "beta - threshold" weights; the list is in
+docs/methods/pcb.md); we follow the code. Variant A is ``pcb-merging.py``/NLP
+``task_para_att_merge``; B and C are the vision scripts. ``lambda`` (scalar or one per model) is
+applied inside the weighted mean as in the vision/ES scripts; a scalar lambda equals the NLP
+scripts' theta_0 + lambda * tau.
 
 Scope: ``global`` (default, as the authors ran it) takes every statistic per model over all merged
 tensors concatenated in sorted name order: pass 1 finds lo_i, hi_i (exact order statistics of
