@@ -164,6 +164,7 @@ def test_matches_reference(rescale: str, dtype: torch.dtype) -> None:
     assert len(set(out.rescalers)) == 4
 
 
+@pytest.mark.slow  # imports fusion_bench
 def test_matches_fusion_bench() -> None:
     """fusion-bench 0.2.33 ``emr_merge`` (a port of the reference code: per-tensor-mean rescalers,
     accumulated in float32)."""

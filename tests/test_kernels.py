@@ -308,3 +308,31 @@ def test_ties_takes_the_fused_path_exactly_where_it_applies(monkeypatch, params,
     calls.clear()
     merge_state_dicts(base, models, "ties", params)
     assert calls == []
+
+
+def test_warm_up_compiles_every_kernel_or_reports_them_off(monkeypatch):
+    if os.environ.get("WEIGHTMERGE_KERNELS") == "0":
+        pytest.skip("WEIGHTMERGE_KERNELS=0 disables the kernels on purpose")
+    assert kernels.warm_up()
+    monkeypatch.setattr(kernels, "_module", lambda: None)
+    assert not kernels.warm_up()
+
+
+@pytest.mark.slow  # compiles every kernel in a fresh process
+def test_numba_cache_dir_holds_the_compiled_kernels(tmp_path):
+    """NUMBA_CACHE_DIR (docs/engine.md): where an install that cannot write next to its sources
+    keeps the compiled kernels; a second process loads them instead of compiling."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "WEIGHTMERGE_KERNELS": "1"}
+    cmd = [sys.executable, "-c", "import weightmerge.kernels as k; assert k.warm_up()"]
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+    cached = sorted(p.name for p in tmp_path.rglob("*.nbi"))
+    assert {n.split("-")[0] for n in cached} == {
+        f"_numba.{k}"
+        for k in ("window_gather", "nth_equal_abs", "ties_merge", "window_counts", "trimmed_vote_sign")
+    }
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")}
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")} == before  # loaded, not rewritten

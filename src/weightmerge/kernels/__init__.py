@@ -177,3 +177,25 @@ def trimmed_vote_sign(x: Tensor, thr: Tensor, trim: Tensor, *, block: int) -> Te
     out = np.empty(xs.shape[1], xs.dtype)
     mod.trimmed_vote_sign(xs, _np(thr.to(x.dtype)), _np(trim.to(torch.bool)), out, block)
     return torch.from_numpy(out)
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) every kernel for float32 and float64 on tiny inputs, so
+    that the first real call does not pay for it. Returns False when the kernels are off."""
+    if _module() is None:
+        return False
+    for dt in _DTYPES:
+        x = torch.zeros(2, 8, dtype=dt)
+        row, one = x[0], torch.ones((), dtype=dt)
+        window_gather(row, None, one, cap=8)
+        nth_equal_abs(row, one, 0)
+        w, thr = torch.ones(2, dtype=dt), torch.zeros(2, dtype=dt)
+        cut, trim = torch.full((2,), 8, dtype=torch.int64), torch.ones(2, dtype=torch.bool)
+        ties_merge(x, row, w, thr, cut, trim, unit=True, normalize=True, lam=1.0, block=4)
+        trimmed_vote_sign(x, thr, trim, block=4)
+        below, eq_lo, eq_hi = (torch.zeros(2, dtype=torch.int64) for _ in range(3))
+        cand = torch.zeros(2, 9, dtype=dt)
+        window_counts(
+            x, thr.reshape(2, 1), thr.reshape(2, 1), cand, [0, 0], [False, False], below, eq_lo, eq_hi
+        )
+    return True
