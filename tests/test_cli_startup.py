@@ -155,7 +155,7 @@ def test_inspect_recognises_an_emr_artifact(tmp_path: Path, capsys) -> None:
 
 
 def test_numba_notice_only_without_a_cache(tmp_path: Path, monkeypatch) -> None:
-    from weightmerge.methods._kernels import _compiled_before
+    from weightmerge.kernels import _compiled_before
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     mod = tmp_path / "_numba_kernels.py"

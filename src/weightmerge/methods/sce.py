@@ -84,4 +84,6 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     elementwise=False,
+    order_invariant=True,
+    examples=({"select_topk": 0.5},),
 )
