@@ -88,3 +88,21 @@ def test_a_local_folder_wins_over_an_id(hub: tuple[Path, dict[str, Path]]) -> No
     assert cfg.models[0].model.path == str(tmp / "org" / "base") and not cfg.hub_ids
     with pytest.raises(ConfigError):
         load_config({"merge_method": "linear", "models": [{"model": "org/base+x+y"}]}, base_dir=str(tmp))
+
+
+def test_relative_paths_as_mergekit_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mergekit reads a YAML's relative paths from the current directory; a path found only next to
+    the config file is still read (noted); one that names two different folders is an error."""
+    (tmp_path / "cfgdir").mkdir()
+    (tmp_path / "run").mkdir()
+    cfg = tmp_path / "cfgdir" / "m.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n")
+    (tmp_path / "run" / "a").mkdir()  # a: only in the current directory (mergekit's reading)
+    (tmp_path / "cfgdir" / "b").mkdir()  # b: only next to the config file
+    monkeypatch.chdir(tmp_path / "run")
+    c = load_config(cfg)
+    assert [e.model.path for e in c.models] == [str(tmp_path / "run" / "a"), str(tmp_path / "cfgdir" / "b")]
+    assert any("relative to the config file" in n and "'b'" in n for n in c.notes)
+    (tmp_path / "cfgdir" / "a").mkdir()  # now a names two folders
+    with pytest.raises(ConfigError, match="two different things"):
+        load_config(cfg)

@@ -56,9 +56,12 @@ def hub_snapshot(repo: str, revision: str | None, *, download: bool) -> str | No
 class _Loader:
     """Turns a checked document into a MergeConfig; every error names its location."""
 
-    def __init__(self, doc: MergeDocument, base_dir: str) -> None:
+    def __init__(self, doc: MergeDocument, base_dir: str, *, cwd: str | None = None) -> None:
         self.doc = doc
         self.base_dir = base_dir
+        # a YAML file's relative paths: mergekit reads them from the current directory, older
+        # weightmerge configs from the file's folder; see path()
+        self.cwd = cwd
         self.notes: list[str] = []
         self.hub_ids: dict[str, str] = {}  # local path -> Hugging Face id it stands for
 
@@ -67,7 +70,26 @@ class _Loader:
             raise ConfigError(
                 f"expected a path string, got {type(value).__name__} {value!r}", location=location
             )
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value.strip())))
+        text = os.path.expanduser(value.strip())
+        here = os.path.normpath(os.path.join(self.base_dir, text))
+        if self.cwd is None or os.path.isabs(text):
+            return here
+        there = os.path.normpath(os.path.join(self.cwd, text))
+        if there == here or not os.path.exists(there):
+            if there != here and os.path.exists(here):
+                self.notes.append(
+                    f"{location}: {value.strip()!r} is read relative to the config file ({here}); mergekit "
+                    f"reads it relative to the current directory, where it does not exist ({there})"
+                )
+            return here
+        if os.path.exists(here):
+            raise ConfigError(
+                f"{value.strip()!r} names two different things: {there} (relative to the current "
+                f"directory, as mergekit reads it) and {here} (relative to the config file); write an "
+                "absolute path",
+                location=location,
+            )
+        return there  # mergekit's reading: relative to the current directory
 
     def model_path(self, value: Any, location: str) -> str:
         """A checkpoint path; a Hugging Face id (``org/name``, ``org/name@revision``) that is not a
@@ -452,6 +474,6 @@ def load_config(
             doc = MergeDocument.model_validate(dict(raw))
         except ValidationError as err:
             raise pydantic_error(err) from None
-        return _Loader(doc, root).build(source)
+        return _Loader(doc, root, cwd=None if source is None or base_dir else os.getcwd()).build(source)
     except ConfigError as err:
         raise err.with_source(source) from None
