@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "--synthetic", type=int, help="scaling: random checkpoints of this many parameters instead"
     )
     ap.add_argument("--train-size", type=int, help="override the config's training examples per task")
+    ap.add_argument("--val-size", type=int, help="with --train-size: validation examples per task")
     ap.add_argument("--cache-dir", help="expert cache (default: the eval harness's)")
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--population", type=int, default=6)
@@ -279,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = builtin_config(args.benchmark).model_dump(mode="json")
         doc["sizes"]["train"] = args.train_size
+        if args.val_size:
+            doc["sizes"]["validation"] = args.val_size
         args.scratch.mkdir(parents=True, exist_ok=True)
-        path = args.scratch / f"{args.benchmark}-train{args.train_size}.yaml"
+        path = args.scratch / f"{args.benchmark}-train{args.train_size}-val{args.val_size}.yaml"
         path.write_text(yaml.safe_dump(doc))
         args.benchmark = str(path)
     result = scaling(args) if args.part == "scaling" else pcb(args)
