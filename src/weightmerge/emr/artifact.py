@@ -46,6 +46,7 @@ from weightmerge.emr.writer import (
     RESCALES,
     file_sha256,
 )
+from weightmerge.io._common import inside_model
 from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
 from weightmerge.io.writer import ShardedSafetensorsWriter
@@ -715,13 +716,17 @@ def _copy_side_files(a: EMRArtifact, i: int, src: TensorSource, out: Path) -> No
     if cfg:  # a name checked inside the artifact and its sha256 verified (task_files) before use
         a.verify_files([cfg])
         shutil.copyfile(a.path / cfg, out / "config.json")
-    elif base_dir is not None and (base_dir / "config.json").is_file():
+    elif (
+        base_dir is not None
+        and (base_dir / "config.json").is_file()
+        and inside_model(base_dir / "config.json", base_dir)
+    ):
         shutil.copyfile(base_dir / "config.json", out / "config.json")
     elif src.config is not None:
         (out / "config.json").write_text(json.dumps(src.config, indent=2) + "\n")
     if base_dir is not None:
         for f in SIDE_FILES:
-            if (base_dir / f).is_file():
+            if (base_dir / f).is_file() and inside_model(base_dir / f, base_dir):
                 shutil.copyfile(base_dir / f, out / f)
         copy_tokenizer_files(base_dir, out)
 

@@ -178,19 +178,51 @@ def check_output_clear(out: str | os.PathLike[str], inputs: Sequence[str | os.Pa
 
 def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
     """Copy the tokenizer files of directory ``src`` into ``dst`` (names in TOKENIZER_FILES,
-    TOKENIZER_GLOBS, TOKENIZER_DIRS); returns the names copied. A missing ``src`` copies nothing."""
+    TOKENIZER_GLOBS, TOKENIZER_DIRS); returns the names copied. A missing ``src`` copies nothing.
+
+    Model folders are untrusted: a symlink is copied (as the file it names) only when it stays
+    inside the folder (or the Hugging Face cache's blobs); links leading elsewhere, links to
+    directories and special files are skipped with a warning on stderr, never followed."""
+    from weightmerge.io._common import inside_model, model_roots, warn
+
     src_p, dst_p = Path(src), Path(dst)
     if not src_p.is_dir():
         return []
-    names = {n for n in TOKENIZER_FILES if (src_p / n).is_file()}
+    names = {n for n in TOKENIZER_FILES if os.path.lexists(src_p / n)}
     for pattern in TOKENIZER_GLOBS:
-        names.update(p.name for p in src_p.glob(pattern) if p.is_file())
+        names.update(p.name for p in src_p.glob(pattern))
     copied = []
     for name in sorted(names):
-        shutil.copy2(src_p / name, dst_p / name)
-        copied.append(name)
-    for name in TOKENIZER_DIRS:
-        if (src_p / name).is_dir():
-            shutil.copytree(src_p / name, dst_p / name, dirs_exist_ok=True)
+        if inside_model(src_p / name, src_p):
+            shutil.copyfile(src_p / name, dst_p / name)
             copied.append(name)
+    roots = model_roots(src_p)
+    for name in TOKENIZER_DIRS:
+        d = src_p / name
+        if not d.is_dir():
+            continue
+        if d.is_symlink():
+            warn(f"not copying {d}: a link to a directory ({d.resolve()}) is never followed")
+            continue
+        _copy_tree_inside(d, dst_p / name, roots)
+        copied.append(name)
     return copied
+
+
+def _copy_tree_inside(src: Path, dst: Path, roots: Sequence[Path]) -> None:
+    """Copy the regular files under ``src`` (and links to files inside ``roots``); links to
+    directories and anything else are skipped with a warning."""
+    from weightmerge.io._common import warn
+
+    dst.mkdir(exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if entry.is_dir() or not target.is_file() or not any(target.is_relative_to(r) for r in roots):
+                warn(f"not copying {entry}: a link to {target}, outside the model folder or not a file")
+                continue
+            shutil.copyfile(entry, dst / entry.name)
+        elif entry.is_dir():
+            _copy_tree_inside(entry, dst / entry.name, roots)
+        elif entry.is_file():
+            shutil.copyfile(entry, dst / entry.name)
