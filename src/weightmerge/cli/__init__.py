@@ -52,6 +52,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"weightmerge: error: {err}", file=sys.stderr)
         return 1
+    except (OSError, RecursionError, MemoryError) as err:  # disk full, read-only, too many files, ...
+        if args.verbose:
+            raise
+        print(f"weightmerge: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(err: BaseException) -> str:
+    """One line for an environment error: the system's words, the file, and a hint where one helps."""
+    import errno
+
+    if isinstance(err, RecursionError):
+        return "input nested too deeply (corrupted JSON or YAML?)"
+    if isinstance(err, MemoryError):
+        return "out of memory (try --max-memory)"
+    text = " ".join(str(err).split())
+    if len(text) > 500:
+        text = text[:497] + "..."
+    hints = {
+        errno.ENOSPC: "free some space or choose another output",
+        errno.EROFS: "the output's file system is read-only: choose another output",
+        errno.EMFILE: "too many open files: raise `ulimit -n`",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "disk quota exceeded",
+    }
+    hint = hints.get(getattr(err, "errno", None) or -1)
+    return f"{text} ({hint})" if hint and hint not in text else text
 
 
 if __name__ == "__main__":
