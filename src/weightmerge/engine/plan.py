@@ -214,6 +214,13 @@ def build_plan(
                 )
         is_float = rinfo.dtype.is_floating_point and all(i.dtype.is_floating_point for i in infos)
         if not is_float:
+            for m, info in zip(models, infos, strict=True):
+                if info.dtype.is_floating_point != rinfo.dtype.is_floating_point:
+                    raise ValueError(
+                        f"tensor {name!r} is {str(info.dtype).replace('torch.', '')} in {info.file} (model "
+                        f"{m.path}) but {str(rinfo.dtype).replace('torch.', '')} in {rinfo.file}: one is "
+                        "floating point and the other is not"
+                    )
             if check_buffers:
                 r = ref.read(name)
                 for m, info in zip(models, infos, strict=True):
