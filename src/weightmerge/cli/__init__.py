@@ -42,11 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = _terminate_on_signals()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("weightmerge: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"weightmerge: terminated by {err.name}; scratch files removed", file=sys.stderr)
+        return 128 + err.signum
     except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if args.verbose:
             raise
@@ -57,6 +61,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"weightmerge: error: {_os_error(err)}", file=sys.stderr)
         return 1
+    finally:
+        _restore_signals(previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so scratch directories are removed."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+def _terminate_on_signals() -> dict[int, object]:
+    """In the main thread: SIGTERM and SIGHUP raise ``Terminated`` (the default would kill the
+    process on the spot and leave a full-size scratch directory behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    import signal
+
+    for sig, h in previous.items():
+        signal.signal(sig, h)  # type: ignore[arg-type]
 
 
 def _os_error(err: BaseException) -> str:
@@ -68,6 +110,8 @@ def _os_error(err: BaseException) -> str:
     if isinstance(err, MemoryError):
         return "out of memory (try --max-memory)"
     text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror and text.startswith(f"[Errno {err.errno}] "):
+        text = text.removeprefix(f"[Errno {err.errno}] ")
     if len(text) > 500:
         text = text[:497] + "..."
     hints = {

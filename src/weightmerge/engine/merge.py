@@ -107,6 +107,17 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
     return OpenedInputs(cfg, base, models, model_params, plan, by_tensor)
 
 
+def planned_output_bytes(plan: MergePlan) -> int:
+    """Bytes the output's tensors take (an EMR artifact: the unified vector plus one bit per
+    merged parameter and task), without headers and small files."""
+    size = lambda t: t.numel * torch.empty((), dtype=t.out_dtype).element_size()  # noqa: E731
+    if plan.method.name == "emr":
+        return sum(size(t) for t in plan.merged) + plan.n_models * sum(
+            (t.numel + 7) // 8 for t in plan.merged
+        )
+    return sum(size(t) for t in plan.tensors)
+
+
 def input_paths(cfg: MergeConfig) -> list[str]:
     """Every path the merge reads: models, adapters, statistics folders, the tokenizer folder."""
     refs = ([cfg.base_model] if cfg.base_model is not None else []) + [e.model for e in cfg.models]
@@ -146,7 +157,12 @@ def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
     from weightmerge.device import resolve_device
-    from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
+    from weightmerge.io.atomic import (
+        atomic_output_dir,
+        check_free_space,
+        check_output_clear,
+        copy_tokenizer_files,
+    )
     from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
@@ -162,6 +178,7 @@ def merge_config(
     ref = inputs.base if inputs.base is not None else inputs.models[0]
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
+        check_free_space(out, planned_output_bytes(plan))
         with atomic_output_dir(out, force=opts.force) as tmp:
             tmp = Path(tmp)
             if plan.method.name == "emr":

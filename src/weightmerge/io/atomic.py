@@ -57,8 +57,10 @@ def _scratch_name(out: Path, tag: str) -> Path:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove scratch directories of ``out`` left by dead processes; returns what was removed."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{TMP_TAG}|{OLD_TAG})-(\d+)-[0-9a-f]+$")
+    """Remove scratch directories of ``out`` left by dead processes; returns what was removed.
+    A set-aside old output (``wm-old``) is never removed: it may be the only copy of the user's
+    previous output (a crash between the two renames of a non-exchanging replace)."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-(\d+)-[0-9a-f]+$")
     removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
@@ -133,17 +135,104 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[P
         raise FileExistsError(f"output {out} already exists (pass force to replace it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"parent directory of output {out} does not exist")
-    remove_stale(out)
-    tmp = _scratch_name(out, TMP_TAG)
-    tmp.mkdir()
+    with output_lock(out):
+        remove_stale(out)
+        tmp = _scratch_name(out, TMP_TAG)
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _install(tmp, out, force=force)
+            _fsync_dir(out.parent)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root`` and the directories themselves, so that after the
+    rename the small files (config, card, tokenizer) are as durable as the weights."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def check_free_space(out: str | os.PathLike[str], need: int) -> None:
+    """Refuse, before any work, an output whose file system has less free space than ``need``
+    bytes (the planned output size) plus a small margin; the disk would fill up mid-write."""
+    parent = Path(out).absolute().parent
     try:
-        yield tmp
-        _fsync_dir(tmp)
-        _install(tmp, out, force=force)
-        _fsync_dir(out.parent)
-    except BaseException:
-        _remove(tmp)
-        raise
+        st = os.statvfs(parent)
+    except OSError:
+        return  # nothing to measure (e.g. the parent is created later): the writes will tell
+    if st.f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, f"cannot write output {out}: {parent} is on a read-only file system")
+    free = st.f_bavail * st.f_frsize
+    margin = 64 << 10
+    if free < need + margin:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space for output {out}: it needs about {_size(need)}, "
+            f"{parent} has {_size(free)} free",
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+LOCK_TAG = "wm-lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on output ``out`` (``flock`` on ``.<name>.wm-lock`` next to it; the
+    kernel drops it when the process dies): a second merge to the same OUT is refused at once,
+    before any work, instead of learning at the end that OUT appeared meanwhile."""
+    import fcntl
+
+    out = Path(out).absolute()
+    path = out.parent / f".{out.name}.{LOCK_TAG}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise FileExistsError(
+                f"another weightmerge process (pid {holder or '?'}) is writing output {out}; "
+                "wait for it or choose another output"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file may have been unlinked by its previous holder between open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
 
 
 def _resolved_inputs(path: str | os.PathLike[str]) -> list[Path]:
