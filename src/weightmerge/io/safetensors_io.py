@@ -43,40 +43,46 @@ def _fail(path: str, msg: str) -> ValueError:
     return ValueError(f"safetensors file {path}: {msg}")
 
 
+def _short(value: Any, limit: int = 100) -> str:
+    """A bounded repr: header values come from untrusted files (up to 100 MB of JSON)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def _parse_entry(path: str, name: Any, raw: Any, data_start: int, file_size: int) -> _Entry:
     if not isinstance(name, str) or not isinstance(raw, dict):
-        raise _fail(path, f"header entry {name!r} is not an object")
+        raise _fail(path, f"header entry {_short(name)} is not an object")
     dtype_name = raw.get("dtype")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
-    if dtype_name not in ST_TO_TORCH:
+    if not isinstance(dtype_name, str) or dtype_name not in ST_TO_TORCH:
         raise _fail(
             path,
-            f"tensor {name!r} has unsupported dtype {dtype_name!r} "
+            f"tensor {_short(name)} has unsupported dtype {_short(dtype_name)} "
             f"(supported: {', '.join(sorted(ST_TO_TORCH))})",
         )
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
     dtype = ST_TO_TORCH[dtype_name]
     want = numel(tuple(shape)) * itemsize(dtype)
     if offsets[1] - offsets[0] != want:
         raise _fail(
             path,
-            f"tensor {name!r} ({dtype_name}, shape {shape}) needs {want} bytes but its data_offsets "
-            f"{offsets} span {offsets[1] - offsets[0]}",
+            f"tensor {_short(name)} ({dtype_name}, shape {_short(shape)}) needs {want} bytes but its "
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]}",
         )
     begin, end = data_start + offsets[0], data_start + offsets[1]
     if end > file_size:
         raise _fail(
             path,
-            f"truncated: tensor {name!r} ends at byte {end} but the file has {file_size} bytes",
+            f"truncated: tensor {_short(name)} ends at byte {end} but the file has {file_size} bytes",
         )
     return _Entry(TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path), begin, end)
 
@@ -112,7 +118,7 @@ def read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
     spans = sorted((e.begin, e.end, e.info.name) for e in entries.values() if e.end > e.begin)
     for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap in the data buffer")
+            raise _fail(path, f"tensors {_short(n0)} and {_short(n1)} overlap in the data buffer")
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
