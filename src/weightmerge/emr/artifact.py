@@ -120,8 +120,19 @@ class EMRArtifact:
             self.per_task: list[dict[str, Any]] = m["per_task"]
             self.mask_files: list[str] = m["mask_files"]
             self.files: dict[str, dict[str, Any]] = m["files"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(f"{mpath}: malformed manifest ({err!r})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ArtifactError(f"{mpath}: malformed manifest ({_excerpt(err)})") from None
+        try:
+            self._validate(mpath)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise ArtifactError(f"{mpath}: malformed manifest ({_excerpt(err)})") from None
+        self._handles: dict[str, Any] = {}
+        self._verified: set[str] = set()
+        self._switch: weakref.WeakKeyDictionary[Any, _SwitchState] = weakref.WeakKeyDictionary()
+
+    def _validate(self, mpath: Path) -> None:
         n = len(self.tasks)
         if not (len(self.rescalers) == len(self.mask_files) == len(self.per_task) == n) or n == 0:
             raise ArtifactError(
@@ -134,12 +145,11 @@ class EMRArtifact:
         if bad:
             raise ArtifactError(f"{mpath}: rescaler {bad[0]!r} is not a finite non-negative number")
         if not self.compute_dtype.is_floating_point:
-            raise ArtifactError(f"{mpath}: compute_dtype {m['compute_dtype']!r} is not a floating dtype")
+            raise ArtifactError(
+                f"{mpath}: compute_dtype {self.manifest['compute_dtype']!r} is not a floating dtype"
+            )
         self._check_names(mpath)
         self._check_files()
-        self._handles: dict[str, Any] = {}
-        self._verified: set[str] = set()
-        self._switch: weakref.WeakKeyDictionary[Any, _SwitchState] = weakref.WeakKeyDictionary()
 
     # -- validation --------------------------------------------------------------------------
 
