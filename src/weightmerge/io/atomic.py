@@ -16,12 +16,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 TMP_TAG = "wm-tmp"
 OLD_TAG = "wm-old"
@@ -126,20 +128,38 @@ def _install(tmp: Path, out: Path, *, force: bool) -> None:
     _remove(old)
 
 
+RESUME_FILE = "wm-resume.json"
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    identity: Mapping[str, Any] | None = None,
+    resume: bool = False,
+) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds (see the module
-    docstring). ``FileExistsError`` up front when ``out`` exists and not ``force``."""
+    docstring). ``FileExistsError`` up front when ``out`` exists and not ``force``.
+
+    ``identity`` (JSON-able, with a ``key``) is recorded in the scratch directory as
+    ``RESUME_FILE``; with ``resume`` a scratch directory of a dead run whose identity has the same
+    key is taken over instead of starting afresh (one of another identity is refused, naming what
+    differs). The caller removes ``RESUME_FILE`` and its own journal before the block ends."""
     out = Path(out).absolute()
     if os.path.lexists(out) and not force:
         raise FileExistsError(f"output {out} already exists (pass force to replace it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"parent directory of output {out} does not exist")
     with output_lock(out):
+        tmp = _claim_scratch(out, identity) if resume and identity is not None else None
         remove_stale(out)
-        tmp = _scratch_name(out, TMP_TAG)
-        tmp.mkdir()
+        if tmp is None:
+            tmp = _scratch_name(out, TMP_TAG)
+            tmp.mkdir()
         try:
+            if identity is not None:
+                (tmp / RESUME_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
             yield tmp
             _fsync_tree(tmp)
             _install(tmp, out, force=force)
@@ -147,6 +167,54 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[P
         except BaseException:
             _remove(tmp)
             raise
+
+
+def _claim_scratch(out: Path, identity: Mapping[str, Any]) -> Path | None:
+    """The scratch directory of a dead run of the same identity, renamed to this process's name
+    (so no other run takes it as stale); None when there is none. A dead run's scratch directory
+    of another identity is refused with what differs."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-(\d+)-[0-9a-f]+$")
+    refused: list[str] = []
+    if not out.parent.is_dir():
+        return None
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            recorded = json.loads((entry / RESUME_FILE).read_text())
+        except (OSError, ValueError):
+            refused.append(f"{entry} records no identity")
+            continue
+        if isinstance(recorded, dict) and recorded.get("key") == identity.get("key"):
+            mine = _scratch_name(out, TMP_TAG)
+            os.rename(entry, mine)
+            return mine
+        refused.append(f"{entry}: {_identity_difference(recorded, identity)}")
+    if refused:
+        raise ValueError(
+            f"cannot resume output {out}: the interrupted run's scratch directory belongs to another "
+            f"merge ({refused[0]}); run without --resume to start afresh"
+        )
+    return None
+
+
+def _identity_difference(recorded: Any, identity: Mapping[str, Any]) -> str:
+    if not isinstance(recorded, dict):
+        return "unreadable identity"
+    for key in sorted(set(recorded) | set(identity)):
+        if key == "key":
+            continue
+        a, b = recorded.get(key), identity.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            for x, y in zip(a, b, strict=False):
+                if x != y:
+                    return f"{key} differ: recorded {str(x)[:200]}, now {str(y)[:200]}"
+            return f"{key} differ: {len(a)} recorded, {len(b)} now"
+        return f"{key} differs: recorded {str(a)[:200]}, now {str(b)[:200]}"
+    return "its identity key differs"
 
 
 def _fsync_tree(root: Path) -> None:
