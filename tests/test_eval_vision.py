@@ -145,4 +145,7 @@ def test_scale_smoke_report(tmp_path: Path) -> None:
     assert main([*args[:3], str(tmp_path / "out2"), *args[4:]]) == 0
     again = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert all(s["cached_run"] for c in again["cells"] for s in c["per_seed"])
-    assert flat_rows(again["cells"]) == rows
+    def canon(rs: list[dict]) -> list[str]:
+        return sorted(json.dumps(r, sort_keys=True) for r in rs)
+
+    assert canon(flat_rows(again["cells"])) == canon(rows)
