@@ -145,7 +145,28 @@ def test_scale_smoke_report(tmp_path: Path) -> None:
     assert main([*args[:3], str(tmp_path / "out2"), *args[4:]]) == 0
     again = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert all(s["cached_run"] for c in again["cells"] for s in c["per_seed"])
+
     def canon(rs: list[dict]) -> list[str]:
         return sorted(json.dumps(r, sort_keys=True) for r in rs)
 
     assert canon(flat_rows(again["cells"])) == canon(rows)
+
+
+def test_evaluate_state_scores_a_merge_like_the_runner(tmp_path: Path) -> None:
+    from weightmerge import merge_state_dicts
+    from weightmerge.eval.runner import evaluate_state, load_family, merge_and_score, prepare_seed
+
+    cfg = builtin_config("vision-smoke").model_copy(update={"held_out": [], "multitask": False})
+    fam = load_family(cfg.model, cache_dir=tmp_path, image_size=cfg.image_size)
+    ctx = prepare_seed(cfg, fam, 0, cache_dir=tmp_path, progress=False, log=lambda _m: None)
+    merged = merge_state_dicts(fam.base_state, [ctx.experts[t].body for t in cfg.tasks], "ties",
+                               {"density": 0.2, "lambda": 1.0})  # fmt: skip
+    val = evaluate_state(ctx, merged, split="validation")
+    test = evaluate_state(ctx, merged, split="test")
+    ref, _ = merge_and_score(ctx, "ties", {"density": 0.2, "lambda": 1.0}, tasks=cfg.tasks, held_out=[],
+                             validation=True)  # fmt: skip
+    assert val["accuracy"] == ref.validation and test["accuracy"] == ref.test
+    expert = evaluate_state(ctx, ctx.experts["shapes"].body, split="test", tasks=["shapes"])
+    assert expert["normalized"] == {"shapes": 1.0}
+    with pytest.raises(ValueError, match="no expert"):
+        evaluate_state(ctx, merged, tasks=["fashion_mnist"])

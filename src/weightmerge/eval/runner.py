@@ -304,6 +304,38 @@ def score(
     return out
 
 
+def evaluate_state(
+    ctx: SeedContext, state: StateDict, *, split: str = "validation", tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Score one merged body on held-in ``tasks`` (default: all) of a prepared seed, each task with
+    its expert's head: ``{"normalized_avg", "avg", "accuracy": {task: acc}, "normalized": {task:
+    acc / the expert's accuracy on the same split}}``. ``split`` is "validation" (for choosing
+    coefficients) or "test" (for reporting the chosen point). The entry point for coefficient
+    search (docs/evaluation.md, "From Python").
+    """
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    names = list(tasks) if tasks is not None else list(ctx.held_in)
+    unknown = [t for t in names if t not in ctx.experts]
+    if unknown:
+        raise ValueError(f"no expert for task(s) {unknown}; held-in tasks are {ctx.held_in}")
+    scores = score(ctx, lambda _t: state, tasks=names, held_out=(), validation=split == "validation",
+                   test=split == "test")  # fmt: skip
+    acc = scores.validation if split == "validation" else scores.test
+    if split == "validation":
+        ref = {t: ctx.experts[t].val_accuracy for t in names}
+    else:
+        missing = [t for t in names if t not in ctx.expert_test]
+        if missing:
+            experts = score(ctx, lambda t: None if t is None else ctx.experts[t].body, tasks=missing,
+                            held_out=(), validation=False)  # fmt: skip
+            ctx.expert_test.update(experts.test)
+        ref = {t: ctx.expert_test[t] for t in names}
+    norm = {t: _ratio(acc[t], ref[t]) for t in names}
+    return {"normalized_avg": _mean(list(norm.values())), "avg": _mean(list(acc.values())), "accuracy": acc,
+            "normalized": norm}  # fmt: skip
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

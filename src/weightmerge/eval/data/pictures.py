@@ -365,14 +365,19 @@ def build_animal_mnist(*, seed: int, n_train: int, n_val: int, n_test: int) -> I
     )  # fmt: skip
 
 
-def build_sklearn_digits(*, seed: int, n_train: int, n_val: int, n_test: int) -> ImageTask:
+@functools.lru_cache(maxsize=1)
+def _digits() -> dict[str, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise TaskDataUnavailable("sklearn_digits needs scikit-learn (pip install scikit-learn)") from None
     d = load_digits()
     images = np.clip(np.rint(d.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    by = {str(c): images[d.target == c] for c in range(10)}
+    return {str(c): images[d.target == c] for c in range(10)}
+
+
+def build_sklearn_digits(*, seed: int, n_train: int, n_val: int, n_test: int) -> ImageTask:
+    by = _digits()
     return make_image_task(
         name="sklearn_digits", label_names=DIGITS, images_by_label=by, seed=seed, n_train=n_train,
         n_val=n_val, n_test=n_test, description="handwritten digit, 8x8 (UCI optical digits)",
