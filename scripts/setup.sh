@@ -39,3 +39,6 @@ if [ "${1:-}" = "--test" ]; then
   pipq "ray==2.60.0" "lm_eval==0.4.13"
 fi
 .venv/bin/python -c "import torch, weightmerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# compile the numba kernels once now (cached next to weightmerge/kernels/_numba.py, or in
+# NUMBA_CACHE_DIR), so that neither the first merge nor the first test run pays for it
+.venv/bin/python -c "import weightmerge.kernels as k; k.warm_up()"

@@ -32,7 +32,6 @@ point and scored on their own tasks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -887,8 +886,3 @@ def run_eval(
         report["per_seed"] = cells[0]["per_seed"]
         report["summary"] = cells[0]["summary"]
     return report
-
-
-def write_json(report: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
