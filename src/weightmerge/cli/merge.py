@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     if mk.seed is not None:
         cfg = dataclasses.replace(cfg, seed=mk.seed)
     cfg = require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
-    if os.path.lexists(args.out) and not args.force:
+    if os.path.lexists(args.out) and not (args.force or args.resume):
         raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
 
     from weightmerge.engine.merge import MergeOptions, merge_config
@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         copy_tokenizer=not args.no_copy_tokenizer if mk.copy_tokenizer is None else mk.copy_tokenizer,
         device=mk.device or args.device,
         allow_nonfinite=args.allow_nonfinite,
+        resume=args.resume,
         write_card=mk.write_card is not False,
     )
     report = merge_config(cfg, args.out, opts)
@@ -52,6 +53,11 @@ def _run(args: argparse.Namespace) -> int:
             f"on {report.extras.get('device', 'cpu')}) into {report.out} in {t.get('total_s', 0.0):.1f} s",
             file=sys.stderr,
         )
+        if report.extras.get("resumed_tensors"):
+            print(
+                f"resumed: {report.extras['resumed_tensors']} tensors were kept from the interrupted run",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -82,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--allow-nonfinite",
         action="store_true",
         help="merge NaN/infinite values instead of refusing them (they usually mean a broken checkpoint)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed merge to OUT from its scratch directory (same config and inputs; "
+        "refused otherwise); without an interrupted run, starts afresh",
     )
     p.add_argument(
         "-q",
