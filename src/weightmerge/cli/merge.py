@@ -6,20 +6,58 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import Any
 
 
 def _run(args: argparse.Namespace) -> int:
     from weightmerge.cli.mergekit_flags import mapped
-    from weightmerge.cli.validate import require_paths
-    from weightmerge.config import FLOAT_DTYPES, load_config
+    from weightmerge.config import load_config
+    from weightmerge.config.multi import read_stages
 
     mk = mapped(args)
-    cfg = load_config(args.config)
+    if os.path.lexists(args.out) and not (args.force or args.resume):
+        raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
+    stages = read_stages(args.config)
+    if stages is None:
+        return _merge_one(args, mk, load_config(args.config), args.out)
+    return _run_stages(args, mk, stages)
+
+
+def _run_stages(args: argparse.Namespace, mk: Any, stages: list[Any]) -> int:
+    """A multi-stage config: named stages into --intermediate-dir, the unnamed one into OUT."""
+    from weightmerge.config import ConfigError, load_config
+    from weightmerge.config.multi import stage_document
+
+    folder = args.intermediate_dir or f"{os.path.abspath(args.out).rstrip(os.sep)}-stages"
+    done: dict[str, str] = {}
+    for stage in stages:
+        out = args.out if stage.name is None else os.path.join(folder, stage.name)
+        where = f"{args.config} (stage {stage.name or 'final'})"
+        if stage.name is not None and os.path.isfile(os.path.join(out, "weightmerge_config.yaml")):
+            print(
+                f"weightmerge: stage {stage.name}: {out} already holds it; not merged again", file=sys.stderr
+            )
+            done[stage.name] = out
+            continue
+        try:
+            cfg = load_config(stage_document(stage, done), base_dir=os.getcwd())
+        except ConfigError as err:
+            raise err.with_source(where) from None
+        if not args.quiet:
+            print(f"weightmerge: stage {stage.name or 'final'} -> {out}", file=sys.stderr)
+        _merge_one(args, mk, cfg, out)
+        if stage.name is not None:
+            done[stage.name] = out
+    return 0
+
+
+def _merge_one(args: argparse.Namespace, mk: Any, cfg: Any, out: str) -> int:
+    from weightmerge.cli.validate import require_paths
+    from weightmerge.config import FLOAT_DTYPES
+
     if mk.seed is not None:
         cfg = dataclasses.replace(cfg, seed=mk.seed)
     cfg = require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
-    if os.path.lexists(args.out) and not (args.force or args.resume):
-        raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
 
     from weightmerge.engine.merge import MergeOptions, merge_config
     from weightmerge.engine.plan import parse_size
@@ -45,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         write_card=mk.write_card is not False,
     )
-    report = merge_config(cfg, args.out, opts)
+    report = merge_config(cfg, out, opts)
     if not args.quiet:
         t, plan = report.timings, report.plan
         print(
@@ -100,6 +138,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quiet",
         action="store_true",
         help="no progress bar and no summary line (the bar is shown on a terminal only)",
+    )
+    p.add_argument(
+        "--intermediate-dir",
+        "-I",
+        default=None,
+        help="multi-stage configs (several YAML documents with 'name'): where the named stages go "
+        "(default OUT-stages/)",
     )
     from weightmerge.cli import mergekit_flags
 

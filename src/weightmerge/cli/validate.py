@@ -37,6 +37,24 @@ def require_paths(cfg: MergeConfig, *, download: bool = True) -> MergeConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from weightmerge.config.multi import read_stages, stage_document
+
+    stages = read_stages(args.config)
+    if stages is not None:  # multi-stage: each stage checked; earlier stages' folders do not exist yet
+        folders = {s.name: os.path.join("<intermediate-dir>", s.name) for s in stages if s.name is not None}
+        for stage in stages:
+            try:
+                cfg = load_config(stage_document(stage, folders), base_dir=os.getcwd())
+            except ConfigError as err:
+                raise err.with_source(f"{args.config} (stage {stage.name or 'final'})") from None
+            print(
+                f"stage {stage.name or 'final (written to OUT)'}"
+                + (f", reads {list(stage.needs)}" if stage.needs else "")
+            )
+            for line in cfg.describe():
+                print(f"  {line}")
+        print("OK")
+        return 0
     cfg = load_config(args.config)
     missing = [p for p in cfg.referenced_paths() if not os.path.exists(p)]
     if args.check_paths:
