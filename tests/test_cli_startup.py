@@ -77,7 +77,6 @@ def test_commands_without_data_do_not_import_torch(tmp_path: Path) -> None:
         ["validate", "param.yaml"],
         ["plan", "missing.yaml"],
         ["merge", "missing.yaml", "out2"],
-        ["merge", "good.yaml", "out"],  # exists, no --force
         ["methods", "no_such_method"],
     ]
     results = _run_all(cases, tmp_path)
@@ -96,7 +95,6 @@ def test_commands_without_data_do_not_import_torch(tmp_path: Path) -> None:
     assert "did you mean 'density'" in by["validate param.yaml"]["stderr"]
     for cmd in ("plan missing.yaml", "merge missing.yaml out2"):
         assert by[cmd]["rc"] == 1 and "not found:" in by[cmd]["stderr"] and "nowhere" in by[cmd]["stderr"]
-    assert "--force" in by["merge good.yaml out"]["stderr"]
     assert (
         by["methods no_such_method"]["rc"] == 1
         and "unknown merge method" in by["methods no_such_method"]["stderr"]

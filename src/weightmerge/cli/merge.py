@@ -15,8 +15,6 @@ def _run(args: argparse.Namespace) -> int:
     from weightmerge.config.multi import read_stages
 
     mk = mapped(args)
-    if os.path.lexists(args.out) and not (args.force or args.resume):
-        raise FileExistsError(f"output {os.path.abspath(args.out)} already exists (--force replaces it)")
     stages = read_stages(args.config)
     if stages is None:
         return _merge_one(args, mk, load_config(args.config), args.out)
