@@ -190,3 +190,16 @@ def test_paired_differences_per_seed_and_task() -> None:
     assert d["mean"] == pytest.approx(0.025)
     assert (d["ahead"], d["level"], d["behind"]) == (2, 1, 1)
     assert d["task_mean"] == pytest.approx((0.2 + 0.0 - 0.2 + 0.1) / 4)
+
+
+def test_device_is_checked_before_any_work(tmp_path: Path) -> None:
+    from weightmerge.eval.runner import run_eval
+
+    with pytest.raises(EvalConfigError, match="device"):
+        parse_config({"tasks": ["shapes"], "methods": [{"method": "linear"}], "device": "tpu"})
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = parse_config({"tasks": ["shapes"], "methods": [{"method": "linear"}], "device": "cuda"})
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        run_eval(cfg, cache_dir=tmp_path, progress=False, log=lambda _m: None)
+    assert not any(tmp_path.iterdir())  # nothing trained or written
