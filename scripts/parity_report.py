@@ -7,9 +7,10 @@ re-implemented here): mergekit 0.1.5 as an installed oracle (called as in
 tests/test_mergekit_parity.py and tests/test_mergekit_extras.py), the literal references
 tests/ref_ties.py, tests/ref_pcb.py and tests/ref_emr.py, the literal references defined in
 tests/test_dare.py, tests/test_ties.py, tests/test_fisher.py, tests/test_regmean.py and
-tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``. Inputs come from the tests' own
-generators, on the tests' shapes plus larger ones ((64, 33), (3, 50, 7), (1000,) and a
-multi-tensor state dict for the global methods) where the tests' tolerances are scale-free.
+tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``, TSV-M, ``iso_c`` and
+``iso_cts``. Inputs come from the tests' own generators, on the tests' shapes plus larger ones
+((64, 33), (3, 50, 7), (1000,) and a multi-tensor state dict for the global methods) where the
+tests' tolerances are scale-free.
 
 Columns:
 
@@ -509,6 +510,37 @@ def group_emr_fusion_bench(rep: Report, quick: bool) -> None:
         rep.scalars("emr", f"{ref}: rescalers", F32, out.rescalers, rescalers.tolist(), rel(1e-5), case)
 
 
+def group_svd_fusion_bench(rep: Report, quick: bool) -> None:
+    """fusion-bench 0.2.33 TSV-M, Iso-C and Iso-CTS (tests/test_svd_methods.py), float64, on low-rank
+    + noise task vectors. Run in quick mode too: they are these methods' only reference."""
+    from fusion_bench.method.isotropic_merging import iso_utils
+    from fusion_bench.method.task_singular_vector.utils import TSVM_utils
+
+    import test_svd_methods as S
+    from weightmerge.api import merge_state_dicts
+
+    tol = close(S.ATOL, S.RTOL)
+    big = {"a.w": (64, 33), "b.w": (40, 80), "c.v": (3, 50, 7), "d.b": (1000,)}
+    for shapes in [S.SHAPES] + ([] if quick else [big]):
+        for n in [3] if quick else [2, 4]:
+            base, models = S.realistic(7 + n, n, shapes=shapes)
+            tvs = S.task_vectors(base, models)
+            case = f"{len(shapes)} tensors, {n} models"
+            w = [1.0, 0.5, 1.5, 0.8][:n]
+            got = merge_state_dicts(base, models, "tsv_m", {"weight": w, "lambda": 0.7}, compute_dtype=F64)
+            scaled = [{k: wi * v for k, v in tv.items()} for wi, tv in zip(w, tvs, strict=True)]
+            want = TSVM_utils.compute_and_sum_svd_mem_reduction(scaled, accelerator="cpu")
+            want = {k: base[k] + 0.7 * v for k, v in want.items()}
+            rep.tensors("tsv_m", "fusion-bench 0.2.33 TSV-M", F64, got, want, tol, case)
+            got = merge_state_dicts(base, models, "iso_c", {"lambda": 1.3}, compute_dtype=F64)
+            want = {k: base[k] + 1.3 * v for k, v in iso_utils.iso_c(tvs, accelerator="cpu").items()}
+            rep.tensors("iso_c", "fusion-bench 0.2.33 iso_c", F64, got, want, tol, case)
+            got = merge_state_dicts(base, models, "iso_cts", {"common_fraction": 0.6}, compute_dtype=F64)
+            want = iso_utils.iso_cts(tvs, common_space_fraction=0.6, accelerator="cpu")
+            want = {k: base[k] + v for k, v in want.items()}
+            rep.tensors("iso_cts", "fusion-bench 0.2.33 iso_cts", F64, got, want, tol, case)
+
+
 def group_fisher_literal(rep: Report, quick: bool) -> None:
     """fisher (test_fisher.reference_fisher, element by element in float64)."""
     import test_fisher as FI
@@ -774,6 +806,7 @@ GROUPS: list[Callable[[Report, bool], None]] = [
     group_pcb_literal,
     group_emr_literal,
     group_emr_fusion_bench,
+    group_svd_fusion_bench,
     group_fisher_literal,
     group_regmean_numpy,
     group_breadcrumbs,

@@ -8,6 +8,8 @@ from weightmerge.methods import (
     della,
     emr,
     fisher,
+    iso_c,
+    iso_cts,
     karcher,
     linear,
     model_stock,
@@ -21,6 +23,7 @@ from weightmerge.methods import (
     slerp,
     task_arithmetic,
     ties,
+    tsv_m,
 )
 from weightmerge.methods._params import did_you_mean
 from weightmerge.methods.base import MethodSpec
@@ -49,6 +52,9 @@ METHODS: dict[str, MethodSpec] = {
         nuslerp.SPEC,
         multislerp.SPEC,
         karcher.SPEC,
+        tsv_m.SPEC,
+        iso_c.SPEC,
+        iso_cts.SPEC,
     )
 }
 
