@@ -541,6 +541,41 @@ def group_svd_fusion_bench(rep: Report, quick: bool) -> None:
             rep.tensors("iso_cts", "fusion-bench 0.2.33 iso_cts", F64, got, want, tol, case)
 
 
+def group_consensus_cart(rep: Report, quick: bool) -> None:
+    """consensus_ta against fusion-bench 0.2.33's flat TALL-mask utilities, cart against the
+    literal reference of tests/test_consensus_cart.py; float64."""
+    from fusion_bench.method.tall_mask import utils as tall
+
+    import test_consensus_cart as C
+    import test_svd_methods as S
+    from weightmerge.api import merge_state_dicts
+
+    big = {"a.w": (64, 33), "b.w": (40, 80), "c.v": (3, 50, 7), "d.b": (1000,)}
+    for shapes in [S.SHAPES] + ([] if quick else [big]):
+        for n in [3] if quick else [2, 4]:
+            base, models = S.realistic(17 + n, n, shapes=shapes)
+            case = f"{len(shapes)} tensors, {n} models"
+            keys = sorted(base)
+
+            def flat(sd: Mapping[str, torch.Tensor], keys: list[str] = keys) -> torch.Tensor:
+                return torch.cat([sd[k].reshape(-1) for k in keys])
+
+            p = {"lambda": 0.4, "mask_lambda": 0.5, "k": 2}
+            got = merge_state_dicts(base, models, "consensus_ta", p, compute_dtype=F64)
+            tv = torch.stack([flat(t) for t in S.task_vectors(base, models)])
+            masks = tall.generate_task_masks(
+                tv, torch.stack([flat(m) for m in models]), flat(base), tall_mask_lambda=0.5
+            )
+            want = flat(base) + 0.4 * ((masks.sum(dim=0) >= 2) * tv.sum(dim=0))
+            ref = "fusion-bench 0.2.33 tall_mask.utils (flat)"
+            rep.tensors("consensus_ta", ref, F64, flat(got), want, close(1e-14, 1e-12), case)
+            got = merge_state_dicts(base, models, "cart", {"rank_ratio": 0.3}, compute_dtype=F64)
+            want = C.cart_literal(models, rank_ratio=0.3, prior=2.0)
+            rep.tensors(
+                "cart", "tests/test_consensus_cart.py (literal)", F64, got, want, close(1e-12, 1e-10), case
+            )
+
+
 def group_fisher_literal(rep: Report, quick: bool) -> None:
     """fisher (test_fisher.reference_fisher, element by element in float64)."""
     import test_fisher as FI
@@ -807,6 +842,7 @@ GROUPS: list[Callable[[Report, bool], None]] = [
     group_emr_literal,
     group_emr_fusion_bench,
     group_svd_fusion_bench,
+    group_consensus_cart,
     group_fisher_literal,
     group_regmean_numpy,
     group_breadcrumbs,

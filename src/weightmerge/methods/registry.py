@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from weightmerge.methods import (
     breadcrumbs,
+    cart,
+    consensus_ta,
     dare,
     della,
     emr,
@@ -55,6 +57,8 @@ METHODS: dict[str, MethodSpec] = {
         tsv_m.SPEC,
         iso_c.SPEC,
         iso_cts.SPEC,
+        consensus_ta.SPEC,
+        cart.SPEC,
     )
 }
 
