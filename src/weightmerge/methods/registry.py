@@ -14,6 +14,7 @@ from weightmerge.methods import (
     iso_cts,
     karcher,
     linear,
+    lines,
     model_stock,
     multislerp,
     nearswap,
@@ -30,8 +31,9 @@ from weightmerge.methods import (
 from weightmerge.methods._params import did_you_mean
 from weightmerge.methods.base import MethodSpec
 
+# Every task-vector method that returns one model takes the LiNeS options (methods/lines.py).
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
+    spec.name: lines.wrap(spec) if lines.applies_to(spec) else spec
     for spec in (
         linear.SPEC,
         task_arithmetic.SPEC,
