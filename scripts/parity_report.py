@@ -7,10 +7,10 @@ re-implemented here): mergekit 0.1.5 as an installed oracle (called as in
 tests/test_mergekit_parity.py and tests/test_mergekit_extras.py), the literal references
 tests/ref_ties.py, tests/ref_pcb.py and tests/ref_emr.py, the literal references defined in
 tests/test_dare.py, tests/test_ties.py, tests/test_fisher.py, tests/test_regmean.py and
-tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``, TSV-M, ``iso_c`` and
-``iso_cts``. Inputs come from the tests' own generators, on the tests' shapes plus larger ones
-((64, 33), (3, 50, 7), (1000,) and a multi-tensor state dict for the global methods) where the
-tests' tolerances are scale-free.
+tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``, TSV-M, ``iso_c``, ``iso_cts``,
+``wudi_merging`` and ``DOGE_TA_Algorithm``. Inputs come from the tests' own generators, on the
+tests' shapes plus larger ones ((64, 33), (3, 50, 7), (1000,) and a multi-tensor state dict for
+the global methods) where the tests' tolerances are scale-free.
 
 Columns:
 
@@ -576,6 +576,34 @@ def group_consensus_cart(rep: Report, quick: bool) -> None:
             )
 
 
+def group_wudi_doge_fusion_bench(rep: Report, quick: bool) -> None:
+    """wudi (25 Adam steps) and doge_ta (fusion-bench's fixed 400 steps) against fusion-bench
+    0.2.33 (tests/test_wudi_doge.py), float64."""
+    from fusion_bench.method.doge_ta.doge_ta import DOGE_TA_Algorithm
+    from fusion_bench.method.wudi.wudi import wudi_merging
+
+    import test_svd_methods as S
+    import test_wudi_doge as W
+    from weightmerge.api import merge_state_dicts
+
+    for n in [3] if quick else [2, 4]:
+        base, models = S.realistic(40 + n, n)
+        got = merge_state_dicts(base, models, "wudi", {"steps": 25}, compute_dtype=F64)
+        want = wudi_merging(S.task_vectors(base, models), accelerator="cpu", iter_num=25)
+        want = {k: base[k] + v.detach() for k, v in want.items()}
+        rep.tensors(
+            "wudi", "fusion-bench 0.2.33 wudi_merging", F64, got, want, close(W.WUDI_ATOL), f"{n} models"
+        )
+        base, models = S.realistic(50 + n, n, shapes=W.DOGE_SHAPES)
+        pool = {"_pretrained_": W.as_module(base), **{f"m{i}": W.as_module(m) for i, m in enumerate(models)}}
+        want = DOGE_TA_Algorithm(subspace=6, K=30, lamda=0.07).run(pool).state_dict()
+        want = {k: v.detach() for k, v in want.items()}
+        got = merge_state_dicts(base, models, "doge_ta", compute_dtype=F64)
+        rep.tensors(
+            "doge_ta", "fusion-bench 0.2.33 DOGE_TA_Algorithm", F64, got, want, close(1e-12), f"{n} models"
+        )
+
+
 def group_fisher_literal(rep: Report, quick: bool) -> None:
     """fisher (test_fisher.reference_fisher, element by element in float64)."""
     import test_fisher as FI
@@ -843,6 +871,7 @@ GROUPS: list[Callable[[Report, bool], None]] = [
     group_emr_fusion_bench,
     group_svd_fusion_bench,
     group_consensus_cart,
+    group_wudi_doge_fusion_bench,
     group_fisher_literal,
     group_regmean_numpy,
     group_breadcrumbs,

@@ -8,6 +8,7 @@ from weightmerge.methods import (
     consensus_ta,
     dare,
     della,
+    doge_ta,
     emr,
     fisher,
     iso_c,
@@ -27,6 +28,7 @@ from weightmerge.methods import (
     task_arithmetic,
     ties,
     tsv_m,
+    wudi,
 )
 from weightmerge.methods._params import did_you_mean
 from weightmerge.methods.base import MethodSpec
@@ -61,6 +63,8 @@ METHODS: dict[str, MethodSpec] = {
         iso_cts.SPEC,
         consensus_ta.SPEC,
         cart.SPEC,
+        wudi.SPEC,
+        doge_ta.SPEC,
     )
 }
 
