@@ -409,7 +409,7 @@ def test_bad_types_and_values_name_the_tensor() -> None:
             merge_state_dicts(base, models, "pcb", {"scope": scope})
     models[1]["bias"][2] = float("inf")  # refused in the first sweep; later sweeps do not re-check
     for scope in ("global", "per_tensor"):
-        with pytest.raises(ValueError, match="infinite task-vector entries in tensor 'bias'"):
+        with pytest.raises(ValueError, match=r"tensor 'bias'.*non-finite values \(NaN or infinity\)"):
             merge_state_dicts(base, models, "pcb", {"scope": scope})
     with pytest.raises(ValueError, match="needs a base"):
         merge_state_dicts(None, models, "pcb")

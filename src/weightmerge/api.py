@@ -132,6 +132,7 @@ def merge_state_dicts(
     *,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor] | EMRResult:
     """Merge ``models`` (fine-tuned from ``base``) with ``method``; see ``weightmerge methods``.
 
@@ -139,7 +140,9 @@ def merge_state_dicts(
     scalar); ``exclude`` (list of regexes) keeps matching tensors at the base value. Arithmetic runs
     in ``compute_dtype`` (float32 or float64); results are cast back to the base dtype. ``device``
     is where the arithmetic runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"``/``None``: a GPU
-    when present); inputs may live anywhere, results are CPU tensors.
+    when present); inputs may live anywhere, results are CPU tensors. A NaN or infinity in a tensor
+    to merge, or in a result, raises ``ValueError`` naming the tensor and model unless
+    ``allow_nonfinite``.
     """
     from weightmerge.device import resolve_device
 
@@ -188,6 +191,7 @@ def merge_state_dicts(
         compute_dtype=compute_dtype,
         aux=aux if aux_keys else (lambda _n, _r: {}),
         device=dev,
+        allow_nonfinite=allow_nonfinite,
     )
     merged: dict[str, torch.Tensor] = {}
     unified: dict[str, torch.Tensor] = {}

@@ -120,6 +120,7 @@ def stream_emr_artifact(
             quiet=opts.quiet,
             prefetch=opts.prefetch,
             device=device,
+            allow_nonfinite=opts.allow_nonfinite,
         )
         timings.update(t)
         t1 = time.perf_counter()

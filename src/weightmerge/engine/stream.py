@@ -97,6 +97,7 @@ def stream_merge(
     quiet: bool = False,
     prefetch: bool = True,
     device: torch.device | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Run ``plan``: copy the non-merged tensors, then merge the rest into ``sink``.
 
@@ -159,6 +160,8 @@ def stream_merge(
         progress=on_progress,
         prefetch=prefetch,
         device=device if device is not None else torch.device("cpu"),
+        labels=[f"model {i} ({m.path})" for i, m in enumerate(models)],
+        allow_nonfinite=allow_nonfinite,
     )
 
     def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:
