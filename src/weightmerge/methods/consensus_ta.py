@@ -23,8 +23,6 @@ for the default). Element-wise: row-chunkable and streamed like task arithmetic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
@@ -49,10 +47,7 @@ def consensus_merge(tau: Tensor, *, mask_lambda: float, k: int) -> Tensor:
 
 def _apply(ctx: TensorCtx) -> Tensor:
     assert ctx.base is not None
-    x = ctx.x
-    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"consensus_ta: NaN or infinite task-vector entries in tensor {ctx.name!r}")
-    merged = consensus_merge(x, mask_lambda=ctx.params["mask_lambda"], k=ctx.params["k"])
+    merged = consensus_merge(ctx.x, mask_lambda=ctx.params["mask_lambda"], k=ctx.params["k"])
     return ctx.base + ctx.params["lambda"] * merged
 
 
