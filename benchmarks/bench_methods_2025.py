@@ -19,7 +19,9 @@ For every method: first correctness, then time.
 wudi and doge_ta iterate per matrix (400 Adam steps by default; fusion-bench's doge_ta fixes 400):
 ``--wudi-steps`` / ``--doge-steps`` time fewer steps, said in the table. fusion-bench's doge_ta
 merges only keys containing "encoder" and a Llama checkpoint has none, so doge_ta is timed
-against no fusion-bench run.
+against no fusion-bench run; fusion-bench's wudi forms an (m, m) product per task and step (4 GiB
+each for a 32000-row embedding): ``--skip-fusion-bench wudi`` leaves it out on large models. Such
+methods are checked against the in-memory API (same bits expected).
 
 Results: JSON under benchmarks/results/, a markdown table printed and, with ``--write-doc``,
 written into docs/benchmarks.md between the ``methods2025:begin``/``methods2025:end`` markers.
@@ -190,14 +192,16 @@ def max_rel_diff(got: Mapping[str, Any], want: Mapping[str, Any], base: Mapping[
 
 
 def in_memory_check(name: str, root: Path, experts: int, params: Mapping[str, Any], got_dir: Path) -> float:
-    """cart: the streamed output against ``merge_state_dicts`` on the same inputs (float32)."""
+    """The streamed output against ``merge_state_dicts`` on the same inputs (float32): for the
+    methods fusion-bench lacks or is not run on."""
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
     from weightmerge.api import merge_state_dicts
 
     models = [_load(root / f"expert_{e}") for e in range(1, experts + 1)]
-    want = merge_state_dicts(None, models, name, dict(params), compute_dtype=torch.float32)
+    base = None if name == "cart" else _load(root / "base")
+    want = merge_state_dicts(base, models, name, dict(params), compute_dtype=torch.float32)
     assert isinstance(want, dict)
     got = read_dir(got_dir)
     return max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
@@ -225,21 +229,23 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"Run of {meta['date']} at {meta['git']}, {meta['machine']}; `{meta['command']}`. "
         f"Model: {meta['preset']} ({meta['params']:,} parameters, {meta['dtype']}), {meta['experts']} "
         f"experts, {meta['threads']} threads, median of {meta['runs']} run(s) each, every run a fresh "
-        "process; float32 compute and output. task_arithmetic: "
-        f"{result['ta']['wall_s']:.1f} s wall, {result['ta']['cpu_s']:.1f} s CPU, "
-        f"{result['ta']['rss_mib']:.0f} MiB peak RSS.",
+        "process; float32 compute and output; 1-minute load average at the start of the runs "
+        f"{min(r['ours']['load'] for r in result['methods'].values()):.1f}-"
+        f"{max(r['ours']['load'] for r in result['methods'].values()):.1f}.",
         "",
-        "| method | wall s | CPU s | peak RSS MiB | × TA wall | fusion-bench wall s | fusion-bench RSS MiB "
-        "| ours / fusion-bench wall | check |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | wall s | CPU s | peak RSS MiB | TA wall s (same round) | × TA wall | × TA CPU "
+        "| fusion-bench wall s | fusion-bench RSS MiB | ours / fusion-bench wall | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["methods"].items():
         fb = row.get("fb")
-        ratio = row["ours"]["wall_s"] / result["ta"]["wall_s"]
+        ta = row["ta"]
+        ratio = row["ours"]["wall_s"] / ta["wall_s"]
+        cpu_ratio = row["ours"]["cpu_s"] / ta["cpu_s"]
         target = f" (target ≤ {TARGET_VS_TA:g})" if name in SVD_METHODS else ""
         lines.append(
             f"| {row['label']} | {row['ours']['wall_s']:.1f} | {row['ours']['cpu_s']:.1f} | "
-            f"{row['ours']['rss_mib']:.0f} | {ratio:.1f}{target} | "
+            f"{row['ours']['rss_mib']:.0f} | {ta['wall_s']:.1f} | {ratio:.1f}{target} | {cpu_ratio:.1f} | "
             + (
                 f"{fb['wall_s']:.1f} | {fb['rss_mib']:.0f} | {row['ours']['wall_s'] / fb['wall_s']:.2f} | "
                 if fb
@@ -276,9 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tolerance", type=float, default=1e-3, help="largest relative difference vs fusion-bench"
     )
     p.add_argument("--no-fusion-bench", action="store_true")
+    p.add_argument(
+        "--skip-fusion-bench",
+        default="",
+        help="methods not run through fusion-bench (checked against the in-memory API instead)",
+    )
     p.add_argument("--work", default="/tmp/wm-bench-2025")
     p.add_argument("--json", default=None)
     p.add_argument("--write-doc", action="store_true")
+    p.add_argument("--combine", nargs="+", default=None, help="JSON results of earlier runs: one table")
     # child mode
     p.add_argument("--fb-child", default=None)
     p.add_argument("--root", default=None)
@@ -289,10 +301,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         fb_child(args.fb_child, Path(args.root), args.experts, json.loads(args.params), Path(args.out))
         return 0
 
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        combined = {"meta": dict(parts[0]["meta"]), "methods": {}}
+        combined["meta"]["command"] = " ; ".join(pt["meta"]["command"] for pt in parts)
+        for pt in parts:
+            combined["methods"].update(pt["methods"])
+        md = markdown(combined)
+        print(md)
+        if args.write_doc:
+            write_doc(md)
+        return 0
     methods = [m for m in args.methods.split(",") if m]
+    skip_fb = {m for m in args.skip_fusion_bench.split(",") if m}
     unknown = sorted(set(methods) - set(ALL))
     if unknown:
         p.error(f"unknown methods {unknown}; known: {ALL}")
+    import torch
+
+    torch.set_num_threads(args.threads)  # as the timed runs: BLAS results can depend on the count
     spec = Spec(args.preset, args.dtype, args.experts, args.seed, 1000**3)
     root = make_models(spec, default_root())
     work = Path(args.work)
@@ -329,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, out = ours(name, "check")
         row: dict[str, Any] = {"label": label, "params": params}
         fb_runs: list[RunResult] = []
-        if name in FB_FUNCS and not args.no_fusion_bench:
+        use_fb = name in FB_FUNCS and not args.no_fusion_bench and name not in skip_fb
+        if use_fb:
             fb_out = work / f"fb-{name}.safetensors"
             fb_runs.append(run(fb_cmd(name, root, args.experts, params, fb_out), args.threads))
             diff = max_rel_diff(read_dir(out), read_dir(fb_out), base_sd)
@@ -338,23 +366,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             fb_out.unlink()
             if not ok:
                 print(f"{name}: {row['check']}", file=sys.stderr)
-        elif name == "cart":
+        else:
             diff = in_memory_check(name, root, args.experts, params, out)
             row["check"] = f"{'ok' if diff == 0 else 'FAIL'}: max abs diff vs in-memory API {diff:.1e}"
-        else:
-            row["check"] = "no fusion-bench run (see the notes)"
         shutil.rmtree(out, ignore_errors=True)
         runs = [first]
+        row_ta: list[RunResult] = []
         for i in range(args.runs):
             print(f"== {label}: round {i + 1}", file=sys.stderr, flush=True)
             ta, ta_out = ours("task_arithmetic", f"r{i}")
             ta_runs.append(ta)
+            row_ta.append(ta)
             shutil.rmtree(ta_out, ignore_errors=True)
             if i > 0 or args.runs > 1:
                 r, o = ours(name, f"r{i}")
                 runs.append(r)
                 shutil.rmtree(o, ignore_errors=True)
-            if name in FB_FUNCS and not args.no_fusion_bench and (i > 0 or args.runs > 1):
+            if use_fb and (i > 0 or args.runs > 1):
                 fb_out = work / f"fb-{name}-{i}.safetensors"
                 fb_runs.append(run(fb_cmd(name, root, args.experts, params, fb_out), args.threads))
                 fb_out.unlink()
@@ -363,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fb_runs = fb_runs[1:]
         row["ours"] = {
             k: median([summary(r)[k] for r in runs]) for k in ("wall_s", "cpu_s", "rss_mib", "load")
+        }
+        row["ta"] = {
+            k: median([summary(r)[k] for r in row_ta]) for k in ("wall_s", "cpu_s", "rss_mib", "load")
         }
         if fb_runs:
             row["fb"] = {
