@@ -32,7 +32,6 @@ point and scored on their own tasks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -512,6 +511,10 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
         if tuned is not None:
             rows[f"{entry.name} (tuned)"] = tuned
             grids[entry.name] = grid_rows
+        if entry.search is not None:  # weightmerge.search.eval_hook: chosen on validation, scored here
+            from weightmerge.search.eval_hook import search_row
+
+            rows[f"{entry.name} (search)"] = search_row(ctx, entry, reference, log=log)
         msg = f"seed {ctx.seed}: {entry.name}: avg {default_row['avg']:.3f}, normalised held-in "
         msg += f"{default_row['normalized_avg']:.3f}"
         if tuned is not None:
@@ -653,8 +656,3 @@ def run_eval(
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["cache_dir"] = str(cache)
     return {"manifest": man, "per_seed": per_seed, "summary": aggregate(cfg, per_seed)}
-
-
-def write_json(report: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -161,6 +161,17 @@ class MethodSpec:
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
     # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+    # True: the result does not depend on the order of the models (their per-model parameters and
+    # statistics permuted with them) beyond float rounding. A callable decides from the model-level
+    # params (random draws are seeded by the model's index: DARE is order-dependent only when it
+    # drops something). tests/test_method_contract.py checks the claim both ways.
+    order_invariant: bool | Callable[[Mapping[str, Any]], bool] = False
+    # Parameter sets (YAML names, scalars or per-model lists) that tests/test_method_contract.py
+    # merges besides the defaults: one for each variant or code path worth holding to the contract.
+    examples: tuple[Mapping[str, Any], ...] = ()
+
+    def is_order_invariant(self, model_params: Mapping[str, Any]) -> bool:
+        return self.order_invariant(model_params) if callable(self.order_invariant) else self.order_invariant
 
     def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
         return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)

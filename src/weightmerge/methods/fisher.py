@@ -171,4 +171,6 @@ SPEC = MethodSpec(
     elementwise=True,
     aux_inputs=("fisher",),
     check=_check,
+    order_invariant=True,
+    examples=({"normalize_fisher_weight": False},),
 )

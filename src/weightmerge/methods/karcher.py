@@ -80,4 +80,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     elementwise=False,
+    order_invariant=True,
+    examples=({"max_iter": 3},),
 )

@@ -81,4 +81,6 @@ SPEC = MethodSpec(
     inputs="weights",
     min_models=2,
     elementwise=_elementwise,
+    order_invariant=True,
+    examples=({"filter_wise": True},),
 )

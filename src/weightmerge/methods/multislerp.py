@@ -78,4 +78,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     elementwise=False,
+    order_invariant=True,
+    examples=({"normalize_weights": False},),
 )

@@ -161,4 +161,6 @@ SPEC = MethodSpec(
     elementwise=False,
     aux_inputs=("gram",),
     check=_check,
+    order_invariant=True,
+    examples=({"reduce_non_diagonal_ratio": 0.8},),
 )
