@@ -75,4 +75,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     elementwise=False,
+    order_invariant=True,
+    examples=({"rank_ratio": 0.5, "prior": 1.5},),
 )

@@ -67,4 +67,6 @@ SPEC = MethodSpec(
         Param("k", "int", 2, "keep a weight when at least k tasks' masks select it", low=0),
     ),
     apply=_apply,
+    order_invariant=True,
+    examples=({"k": 1, "mask_lambda": 0.4, "lambda": 0.5},),
 )

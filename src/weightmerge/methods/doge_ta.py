@@ -143,4 +143,6 @@ SPEC = MethodSpec(
     apply=_apply,
     passes=_passes,
     elementwise=False,
+    order_invariant=True,
+    examples=({"density": 0.5, "steps": 10, "subspace": 2},),
 )

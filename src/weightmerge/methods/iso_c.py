@@ -49,4 +49,6 @@ SPEC = MethodSpec(
     params=(Param("lambda", "float", 1.0, "scale of the merged task vector (the paper tunes 1.3-1.9)"),),
     apply=_apply,
     elementwise=False,
+    order_invariant=True,
+    examples=({"lambda": 1.3},),
 )

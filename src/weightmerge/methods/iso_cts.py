@@ -91,4 +91,6 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     elementwise=False,
+    order_invariant=True,
+    examples=({"common_fraction": 0.5, "lambda": 1.2},),
 )

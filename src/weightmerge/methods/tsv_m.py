@@ -76,4 +76,6 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     elementwise=False,
+    order_invariant=True,
+    examples=({"weight": [1.0, 0.5, 1.5], "lambda": 0.8}, {"lines_alpha": 0.5, "lines_beta": 0.5}),
 )

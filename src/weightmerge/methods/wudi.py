@@ -94,4 +94,6 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     elementwise=False,
+    order_invariant=True,
+    examples=({"steps": 20, "lr": 1e-4},),
 )
