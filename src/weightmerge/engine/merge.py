@@ -7,6 +7,7 @@ resolved config) -> one atomic rename onto OUT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -38,6 +39,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
     allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
+    resume: bool = False  # continue a killed merge from its scratch directory (same config and inputs)
 
 
 @dataclass
@@ -107,6 +109,109 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
     return OpenedInputs(cfg, base, models, model_params, plan, by_tensor)
 
 
+JOURNAL = "wm-journal.txt"
+
+
+class _Journal:
+    """The sink of a resumable merge: writes go to the shard writer, and the names of tensors
+    whose every row is written are appended to ``wm-journal.txt`` in the scratch directory after
+    the shards are fsynced (in batches), so a resumed run can trust every name it lists even after
+    a power loss. Names are written one per line, JSON-quoted; a torn last line is ignored."""
+
+    def __init__(self, path: Path, writer: Any) -> None:
+        self.path, self.writer = path, writer
+        # about 32 journal flushes per merge, each between 64 KiB and 256 MiB of output
+        self.batch_bytes = min(256 << 20, max(64 << 10, int(writer.total_size) // 32))
+        self.pending: list[str] = []
+        self.pending_bytes = 0
+        self.fd: int | None = None
+
+    def replay(self) -> list[str]:
+        """Names recorded by an interrupted run, marked written in the writer (its shards kept)."""
+        if not self.path.exists():
+            return []
+        done = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                name = json.loads(line)
+            except ValueError:
+                break  # torn write at the kill: everything after it is redone
+            if not isinstance(name, str):
+                break
+            try:
+                self.writer.mark_written(name)
+            except (KeyError, ValueError):
+                return self._restart()
+            done.append(name)
+        return done
+
+    def _restart(self) -> list[str]:
+        self.path.unlink()
+        return []
+
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        self.writer.write(name, tensor, rows)
+        if self.writer.complete(name):
+            self.pending.append(name)
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.writer.sync()  # the data first, then the names that vouch for it
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(self.fd, "".join(json.dumps(n) + "\n" for n in self.pending).encode())
+        os.fsync(self.fd)
+        self.pending, self.pending_bytes = [], 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def merge_identity(cfg: MergeConfig, opts: MergeOptions, device: str) -> dict[str, Any]:
+    """What a merge's output depends on: the resolved config, the options that change the bytes
+    written, and every input file's path, size and modification time. ``key`` hashes it all."""
+    from weightmerge import __version__
+
+    inputs = []
+    for p in input_paths(cfg):
+        files = [Path(p)] if not os.path.isdir(p) else sorted(q for q in Path(p).iterdir() if q.is_file())
+        for f in files:
+            st = f.stat()
+            inputs.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    ident: dict[str, Any] = {
+        "weightmerge": __version__,
+        "config_sha256": hashlib.sha256(
+            json.dumps(cfg.resolved(), sort_keys=True, default=str).encode()
+        ).hexdigest(),
+        "options": {
+            "shard_size": opts.shard_size,
+            "allow_nonfinite": opts.allow_nonfinite,
+            "max_memory": opts.max_memory,
+            "device": device,
+        },
+        "inputs": inputs,
+    }
+    ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return ident
+
+
+def planned_output_bytes(plan: MergePlan) -> int:
+    """Bytes the output's tensors take (an EMR artifact: the unified vector plus one bit per
+    merged parameter and task), without headers and small files."""
+    size = lambda t: t.numel * torch.empty((), dtype=t.out_dtype).element_size()  # noqa: E731
+    if plan.method.name == "emr":
+        return sum(size(t) for t in plan.merged) + plan.n_models * sum(
+            (t.numel + 7) // 8 for t in plan.merged
+        )
+    return sum(size(t) for t in plan.tensors)
+
+
 def input_paths(cfg: MergeConfig) -> list[str]:
     """Every path the merge reads: models, adapters, statistics folders, the tokenizer folder."""
     refs = ([cfg.base_model] if cfg.base_model is not None else []) + [e.model for e in cfg.models]
@@ -146,7 +251,13 @@ def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
     from weightmerge.device import resolve_device
-    from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
+    from weightmerge.io.atomic import (
+        RESUME_FILE,
+        atomic_output_dir,
+        check_free_space,
+        check_output_clear,
+        copy_tokenizer_files,
+    )
     from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
@@ -161,8 +272,15 @@ def merge_config(
     extras: dict[str, Any] = {"device": str(device)}
     ref = inputs.base if inputs.base is not None else inputs.models[0]
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    if opts.resume and plan.method.name == "emr":
+        inputs.close()
+        raise ValueError(
+            "--resume is not supported for merge_method emr (it writes an artifact); rerun without it"
+        )
+    identity = merge_identity(cfg, opts, str(device))
     try:
-        with atomic_output_dir(out, force=opts.force) as tmp:
+        check_free_space(out, planned_output_bytes(plan))
+        with atomic_output_dir(out, force=opts.force, identity=identity, resume=opts.resume) as tmp:
             tmp = Path(tmp)
             if plan.method.name == "emr":
                 from weightmerge.emr_artifact import stream_emr_artifact
@@ -172,7 +290,13 @@ def merge_config(
                 extras.update(outcome.extras)
             else:
                 layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
-                writer = ShardedSafetensorsWriter(tmp, layout, shard_size=opts.shard_size)
+                writer = ShardedSafetensorsWriter(
+                    tmp, layout, shard_size=opts.shard_size, resume=(tmp / JOURNAL).exists()
+                )
+                journal = _Journal(tmp / JOURNAL, writer)
+                done = journal.replay()
+                if done:
+                    extras["resumed_tensors"] = len(done)
                 try:
                     outcome, t = stream_merge(
                         plan,
@@ -180,7 +304,8 @@ def merge_config(
                         inputs.models,
                         params_for=lambda name: inputs.params_by_tensor[name],
                         model_params=inputs.model_params,
-                        sink=writer,
+                        sink=journal,
+                        skip_apply=frozenset(done),
                         seed=cfg.seed,
                         quiet=opts.quiet,
                         prefetch=opts.prefetch,
@@ -189,6 +314,7 @@ def merge_config(
                     )
                     timings.update(t)
                     t2 = time.perf_counter()
+                    journal.close()
                     writer.finalize()
                     timings["finalize_s"] = time.perf_counter() - t2
                 finally:
@@ -204,6 +330,8 @@ def merge_config(
             if cfg.chat_template and not (tmp / "chat_template.jinja").exists():
                 resolved["chat_template"] = cfg.chat_template
             (tmp / "weightmerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            for scratch in (JOURNAL, RESUME_FILE):  # bookkeeping of --resume: not part of the output
+                (tmp / scratch).unlink(missing_ok=True)
             (tmp / "README.md").write_text(
                 model_card(
                     method=plan.method,

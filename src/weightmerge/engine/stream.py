@@ -98,6 +98,7 @@ def stream_merge(
     prefetch: bool = True,
     device: torch.device | None = None,
     allow_nonfinite: bool = False,
+    skip_apply: frozenset[str] = frozenset(),
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Run ``plan``: copy the non-merged tensors, then merge the rest into ``sink``.
 
@@ -122,7 +123,7 @@ def stream_merge(
     t0 = time.perf_counter()
 
     for t in plan.tensors:
-        if t.action == "copy":
+        if t.action == "copy" and t.name not in skip_apply:
             sink.write(t.name, ref.read(t.name).to(t.out_dtype))
     timings["copy_s"] = time.perf_counter() - t0
 
@@ -162,6 +163,7 @@ def stream_merge(
         device=device if device is not None else torch.device("cpu"),
         labels=[f"model {i} ({m.path})" for i, m in enumerate(models)],
         allow_nonfinite=allow_nonfinite,
+        skip_apply=skip_apply,
     )
 
     def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:

@@ -12,11 +12,15 @@ the process RSS, so a long streaming merge would grow towards the model size.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
 import struct
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,40 +43,46 @@ def _fail(path: str, msg: str) -> ValueError:
     return ValueError(f"safetensors file {path}: {msg}")
 
 
+def _short(value: Any, limit: int = 100) -> str:
+    """A bounded repr: header values come from untrusted files (up to 100 MB of JSON)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def _parse_entry(path: str, name: Any, raw: Any, data_start: int, file_size: int) -> _Entry:
     if not isinstance(name, str) or not isinstance(raw, dict):
-        raise _fail(path, f"header entry {name!r} is not an object")
+        raise _fail(path, f"header entry {_short(name)} is not an object")
     dtype_name = raw.get("dtype")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
-    if dtype_name not in ST_TO_TORCH:
+    if not isinstance(dtype_name, str) or dtype_name not in ST_TO_TORCH:
         raise _fail(
             path,
-            f"tensor {name!r} has unsupported dtype {dtype_name!r} "
+            f"tensor {_short(name)} has unsupported dtype {_short(dtype_name)} "
             f"(supported: {', '.join(sorted(ST_TO_TORCH))})",
         )
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
     dtype = ST_TO_TORCH[dtype_name]
     want = numel(tuple(shape)) * itemsize(dtype)
     if offsets[1] - offsets[0] != want:
         raise _fail(
             path,
-            f"tensor {name!r} ({dtype_name}, shape {shape}) needs {want} bytes but its data_offsets "
-            f"{offsets} span {offsets[1] - offsets[0]}",
+            f"tensor {_short(name)} ({dtype_name}, shape {_short(shape)}) needs {want} bytes but its "
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]}",
         )
     begin, end = data_start + offsets[0], data_start + offsets[1]
     if end > file_size:
         raise _fail(
             path,
-            f"truncated: tensor {name!r} ends at byte {end} but the file has {file_size} bytes",
+            f"truncated: tensor {_short(name)} ends at byte {end} but the file has {file_size} bytes",
         )
     return _Entry(TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path), begin, end)
 
@@ -96,6 +106,8 @@ def read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
         header = json.loads(raw_header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _fail(path, f"header is not valid JSON ({err}): corrupted or not a safetensors file") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply: corrupted or not a safetensors file") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -106,8 +118,81 @@ def read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
     spans = sorted((e.begin, e.end, e.info.name) for e in entries.values() if e.end > e.begin)
     for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap in the data buffer")
+            raise _fail(path, f"tensors {_short(n0)} and {_short(n1)} overlap in the data buffer")
     return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+class _FdPool:
+    """A process-wide LRU of open file descriptors, so the number of files held open stays bounded
+    however many shards the inputs have (30 experts x 40 shards under ``ulimit -n 1024``).
+
+    ``use(owner)`` yields the owner's descriptor, opening it (and closing the least recently used
+    idle one when full) as needed; a descriptor in use by a read is pinned and never closed under
+    it (the pool then exceeds its capacity until the read ends)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[object, list[Any]] = OrderedDict()  # owner -> [fd, pins, path]
+        self.capacity = _default_capacity()
+
+    @contextlib.contextmanager
+    def use(self, owner: object, path: str) -> Iterator[int]:
+        with self._lock:
+            ent = self._open.get(owner)
+            if ent is None:
+                self._evict(self.capacity - 1)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as err:
+                    if err.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    self._evict(0)  # the process is out of descriptors: give back every idle one
+                    fd = os.open(path, os.O_RDONLY)
+                ent = self._open[owner] = [fd, 0, path]
+            self._open.move_to_end(owner)
+            ent[1] += 1
+        try:
+            yield ent[0]
+        finally:
+            with self._lock:
+                ent[1] -= 1
+                if ent[1] == 0 and self._open.get(owner) is not ent:  # discarded while in use
+                    os.close(ent[0])
+
+    def _evict(self, keep: int) -> None:
+        for owner in list(self._open):
+            if len(self._open) <= keep:
+                return
+            ent = self._open[owner]
+            if ent[1] == 0:
+                del self._open[owner]
+                os.close(ent[0])
+
+    def discard(self, owner: object) -> None:
+        with self._lock:
+            ent = self._open.pop(owner, None)
+            if ent is not None and ent[1] == 0:
+                os.close(ent[0])
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
+def _default_capacity() -> int:
+    """128 open shards, or an eighth of the soft descriptor limit when that is lower (min. 8)."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 128
+    if soft == resource.RLIM_INFINITY:
+        return 128
+    return max(8, min(128, soft // 8))
+
+
+FD_POOL = _FdPool()
 
 
 class SafetensorsFile:
@@ -117,8 +202,6 @@ class SafetensorsFile:
         self.path = path
         self.config = config
         self._entries, self.metadata = read_header(path)
-        self._fdesc: int | None = None
-        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -134,12 +217,6 @@ class SafetensorsFile:
 
     def info(self, name: str) -> TensorInfo:
         return self._entry(name).info
-
-    def _fd(self) -> int:
-        with self._lock:
-            if self._fdesc is None:
-                self._fdesc = os.open(self.path, os.O_RDONLY)
-            return self._fdesc
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         e = self._entry(name)
@@ -157,20 +234,17 @@ class SafetensorsFile:
         flat = torch.empty(end - begin, dtype=torch.uint8)
         buf = flat.numpy().data
         done = 0
-        fd = self._fd()
-        while done < end - begin:
-            got = os.preadv(fd, [buf[done:]], begin + done)
-            if got <= 0:
-                raise _fail(self.path, f"unexpected end of file reading tensor {name!r}")
-            done += got
+        with FD_POOL.use(self, self.path) as fd:
+            while done < end - begin:
+                got = os.preadv(fd, [buf[done:]], begin + done)
+                if got <= 0:
+                    raise _fail(self.path, f"unexpected end of file reading tensor {name!r}")
+                done += got
         flat = flat.view(e.info.dtype)
         return flat.reshape(out_shape)
 
     def close(self) -> None:
-        with self._lock:
-            fdesc, self._fdesc = self._fdesc, None
-        if fdesc is not None:
-            os.close(fdesc)
+        FD_POOL.discard(self)
 
     def __enter__(self) -> SafetensorsFile:
         return self

@@ -132,6 +132,7 @@ class ShardedSafetensorsWriter:
         *,
         shard_size: int,
         metadata: Mapping[str, str] | None = None,
+        resume: bool = False,
     ) -> None:
         if sys.byteorder != "little":
             raise RuntimeError(
@@ -150,15 +151,21 @@ class ShardedSafetensorsWriter:
         self._done = False
         self._written: list[str] | None = None  # set by finalize()
         self.total_size = sum(tensor_nbytes(s, d) for _, s, d in specs)
+        self.resumed_files: list[str] = []  # shards kept from an interrupted run (resume=True)
         try:
             for k, group in enumerate(groups or [[]]):
-                self._open_shard(k, [specs[i] for i in group], meta)
+                self._open_shard(k, [specs[i] for i in group], meta, resume=resume)
         except BaseException:
             self.close()
             raise
 
     def _open_shard(
-        self, k: int, specs: list[tuple[str, tuple[int, ...], torch.dtype]], meta: dict[str, str]
+        self,
+        k: int,
+        specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+        meta: dict[str, str],
+        *,
+        resume: bool = False,
     ) -> None:
         order = sorted(range(len(specs)), key=lambda i: -itemsize(specs[i][2]))  # stable: given order kept
         entries = []
@@ -172,6 +179,13 @@ class ShardedSafetensorsWriter:
         for name, shape, dtype, begin, _end in entries:
             self._slots[name] = _Slot(k, len(head) + begin, shape, dtype)
         path = os.path.join(self.directory, self.files[k])
+        if resume and _same_layout(path, head, len(head) + offset):
+            # an interrupted run's shard of exactly this layout: keep its bytes (the caller marks
+            # the tensors it knows complete with mark_written; the others are written again)
+            fd = os.open(path, os.O_RDWR)
+            self._fds.append(fd)
+            self.resumed_files.append(self.files[k])
+            return
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
         _pwrite_all(fd, memoryview(head), 0)
@@ -219,6 +233,35 @@ class ShardedSafetensorsWriter:
             with self._lock:
                 self._inflight -= 1
                 self._lock.notify_all()
+
+    def mark_written(self, name: str) -> None:
+        """Record tensor ``name`` as completely written by an earlier, interrupted run whose shard
+        was kept (``resume=True``); its rows must not be written again."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor {name!r} is not in the output layout")
+        if self.files[slot.shard] not in self.resumed_files:
+            raise ValueError(
+                f"tensor {name!r}: its shard {self.files[slot.shard]} was not kept; cannot resume it"
+            )
+        with self._lock:
+            prog = self._progress[name]
+            prog.spans = [(0, slot.rows)]
+            prog.calls = max(prog.calls, 1)
+
+    def complete(self, name: str) -> bool:
+        """Whether every row of tensor ``name`` has been written."""
+        slot = self._slots[name]
+        with self._lock:
+            covered = sum(b - a for a, b in self._progress[name].spans)
+            return self._progress[name].calls > 0 and covered >= slot.rows
+
+    def sync(self) -> None:
+        """fsync the shard files written so far (what a resume may rely on after a power loss)."""
+        with self._lock:
+            fds = list(self._fds)
+        for fd in fds:
+            os.fsync(fd)
 
     def missing(self) -> dict[str, list[tuple[int, int]]]:
         """Tensors not completely written: name -> row ranges still missing."""
@@ -292,6 +335,17 @@ class ShardedSafetensorsWriter:
                 self.close()
         else:
             self.close()
+
+
+def _same_layout(path: str, head: bytes, size: int) -> bool:
+    """Whether ``path`` is a shard file with exactly this header and total size."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: str) -> None:
