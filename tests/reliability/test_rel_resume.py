@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from rel_fixtures import WM, run_cli, save_model, state_dict, write_cfg
 
-SHAPES = {f"layers.{k:02d}.w": (256, 192) for k in range(40)} | {
-    f"layers.{k:02d}.b": (192,) for k in range(40)
+SHAPES = {f"layers.{k:02d}.w": (256, 192) for k in range(24)} | {
+    f"layers.{k:02d}.b": (192,) for k in range(24)
 }
 
 
