@@ -55,6 +55,12 @@ def methods_of(report: Mapping[str, Any], *, merges_only: bool = False) -> list[
     return [m for m in order if not (merges_only and m in MERGE_EXCLUDE)]
 
 
+def swept_methods(report: Mapping[str, Any]) -> list[str]:
+    """Merge rows that have an experts-count sweep (the entries' default points)."""
+    have = {m for c in _cells(report) for m in c["summary"]["sweep"]}
+    return [m for m in methods_of(report, merges_only=True) if m in have]
+
+
 def value(report: Mapping[str, Any], model: str, base: str, method: str, key: str) -> dict[str, Any] | None:
     """Mean/std over seeds of ``key`` (normalized_avg, held_out_normalized_avg, avg) of one row."""
     c = cell(report, model, base)
@@ -222,7 +228,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     if "multitask" in bases and "pretrained" in bases:
         out += ["## Base quality: multitask base minus pretrained base (normalised held-in)", ""]
         body = []
-        for meth in methods:
+        for meth in [x for x in methods if x != "individual"]:
             line = [meth]
             for m, _ in models:
                 mt = value(report, m, "multitask", meth, "normalized_avg")
@@ -236,7 +242,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         body = []
         for m, _ in models:
             for base in bases:
-                for meth in methods_of(report, merges_only=True):
+                for meth in swept_methods(report):
                     body.append([m, base, meth, *(fmt(sweep_value(report, m, base, meth, k)) for k in ks)])
         out += [*_table(["model", "base", "method", *(f"k={k}" for k in ks)], body), ""]
     out += ['## Findings of "What Matters for Model Merging at Scale", checked on this run', ""]
@@ -311,7 +317,7 @@ def plot_vs_experts(report: Mapping[str, Any], path: Path, *, title: str) -> Non
         c0 = cell(report, models[0], base)
         if c0 is None:
             continue
-        for i, meth in enumerate(methods_of(report, merges_only=True)):
+        for i, meth in enumerate(swept_methods(report)):
             for j, m in enumerate(models):
                 c = cell(report, m, base)
                 sw = {} if c is None else c["summary"]["sweep"].get(meth, {})
