@@ -61,13 +61,16 @@ def swept_methods(report: Mapping[str, Any]) -> list[str]:
     return [m for m in methods_of(report, merges_only=True) if m in have]
 
 
-def value(report: Mapping[str, Any], model: str, base: str, method: str, key: str) -> dict[str, Any] | None:
+def _value(report: Mapping[str, Any], model: str, base: str, method: str, key: str) -> dict[str, Any] | None:
     """Mean/std over seeds of ``key`` (normalized_avg, held_out_normalized_avg, avg) of one row."""
     c = cell(report, model, base)
     if c is None or method not in c["summary"]["rows"]:
         return None
     s: dict[str, Any] | None = c["summary"]["rows"][method].get(key)
     return s
+
+
+value = _value
 
 
 def sweep_value(
@@ -89,12 +92,35 @@ def _mean(s: Mapping[str, Any] | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+LEARNT_MARGIN = 0.05
+
+
+def unlearnt_cells(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(model, base) cells whose experts did not learn: their mean test accuracy is within
+    ``LEARNT_MARGIN`` of the base body's with the experts' heads. A normalised score there divides
+    by chance-level accuracy and says nothing, so the findings leave such cells out."""
+    out = []
+    for c in _cells(report):
+        ind = c["summary"]["rows"].get("individual", {}).get("avg")
+        base = c["summary"]["rows"].get("base", {}).get("avg")
+        if ind is not None and base is not None and ind["mean"] <= base["mean"] + LEARNT_MARGIN:
+            out.append((c["model"], c["base"]))
+    return out
+
+
 def findings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The paper's main findings, each checked on this run: {"finding", "holds", "evidence"}."""
+    """The paper's main findings, each checked on this run: {"finding", "holds", "evidence"}.
+    Cells whose experts did not learn (`unlearnt_cells`) are left out."""
     models = [m for m, _ in models_of(report)]
     bases = bases_of(report)
     merges = methods_of(report, merges_only=True)
     out: list[dict[str, Any]] = []
+    skip = set(unlearnt_cells(report))
+
+    def value(
+        report: Mapping[str, Any], model: str, base: str, method: str, key: str
+    ) -> dict[str, Any] | None:
+        return None if (model, base) in skip else _value(report, model, base, method, key)
 
     def add(text: str, pairs: list[tuple[str, float, float]], *, better: str = "higher") -> None:
         if not pairs:
@@ -179,7 +205,7 @@ def findings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     for m in models:
         for base in bases:
             c = cell(report, m, base)
-            if c is None:
+            if c is None or (m, base) in skip:
                 continue
             for meth in merges:
                 sw = c["summary"]["sweep"].get(meth, {})
@@ -246,6 +272,14 @@ def markdown(report: Mapping[str, Any]) -> str:
                     body.append([m, base, meth, *(fmt(sweep_value(report, m, base, meth, k)) for k in ks)])
         out += [*_table(["model", "base", "method", *(f"k={k}" for k in ks)], body), ""]
     out += ['## Findings of "What Matters for Model Merging at Scale", checked on this run', ""]
+    skipped = unlearnt_cells(report)
+    if skipped:
+        out += [
+            "Left out: " + ", ".join(f"{m} / {b}" for m, b in skipped) + " -- the experts did not learn "
+            f"(mean test accuracy within {LEARNT_MARGIN} of the base body's), so their normalised scores "
+            "divide by chance-level accuracies.",
+            "",
+        ]
     for f in findings(report):
         verdict = "holds" if f["holds"] else "does not hold"
         out.append(f"- **{verdict}** ({f['wins']}/{f['of']}): {f['finding']}. {f['evidence']}")
