@@ -112,8 +112,9 @@ def check_worker(p: Mapping[str, Any]) -> dict[str, Any]:
     import torch
     from bench_compare import CheckpointDir
 
-    from weightmerge.api import EMRResult, emr_reconstruct, merge_state_dicts
+    from weightmerge.api import merge_state_dicts
     from weightmerge.emr import load_emr
+    from weightmerge.emr.result import EMRResult, emr_reconstruct
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {}

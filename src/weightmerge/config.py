@@ -464,6 +464,19 @@ class MergeConfig:
                     out[p.name] = v
         return out
 
+    def varying_params(self) -> dict[str, str]:
+        """``{param: where}`` for every parameter set by a filter or a gradient somewhere (its
+        value may differ per tensor), for ``MethodSpec.check_rules``."""
+        out: dict[str, str] = {}
+        for p in self.spec.params:
+            where = [("parameters", self.parameters.get(p.name))] + [
+                (f"models[{i}].parameters", e.parameters.get(p.name)) for i, e in enumerate(self.models)
+            ]
+            for loc, s in where:
+                if s is not None and _is_varying(s) and p.name not in out:
+                    out[p.name] = f"{loc}.{p.name} is a filter or gradient"
+        return out
+
     def resolved_model_params(self) -> dict[str, Any]:
         """:meth:`model_params` checked and completed by ``resolve_params`` (defaults filled)."""
         return resolve_params(self.spec, self.model_params(), self.n_models, where=" (config)")
@@ -845,7 +858,7 @@ class _Loader:
             resolved = resolve_params(
                 spec, cfg.raw_params_for("", layer_index=None, num_layers=None), n, where=" (config)"
             )
-            spec.check(resolved, n)
+            spec.check_rules(resolved, n, cfg.varying_params())
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err), location="parameters") from None
         return cfg

@@ -1,8 +1,10 @@
-"""``weightmerge merge`` with ``merge_method: emr``: stream the merge into an EMR artifact.
+"""EMR's output format (``MethodSpec.output`` of ``emr``; the seam is ``weightmerge.io.output``).
 
-The engine (``engine.merge.merge_config``) owns the atomic output directory, the tokenizer files,
-the model card and the resolved config; this writes the artifact's own files into it
-(``weightmerge.emr.EMRArtifactWriter`` with ``atomic=False``):
+In memory (``merge_state_dicts``): an :class:`~weightmerge.emr.result.EMRResult`.
+
+Into a directory (``weightmerge merge``; the engine owns the atomic output directory, the
+tokenizer files, the model card and the resolved config): the artifact's own files, written by
+:class:`~weightmerge.emr.writer.EMRArtifactWriter` with ``atomic=False``:
 
 * merged tensors (the plan's ``merge`` entries) -> unified vector + one bit-packed mask per task;
 * tensors the plan copies because ``exclude`` matched them -> stored per task, read from each
@@ -11,9 +13,9 @@ the model card and the resolved config; this writes the artifact's own files int
 * an expert whose config.json differs from the base's (e.g. another ``num_labels``) -> that
   config is stored for its task and used when materializing it.
 
-Task names are the models' directory names (the adapter's for ``path+lora``); repeated names get
-``-2``, ``-3``, ... in model order. The base identity (sha256 of every base tensor) costs one read
-of the base.
+Task names are the models' labels' last path components (the adapter's for ``path+lora``);
+repeated names get ``-2``, ``-3``, ... in model order. The base identity (sha256 of every base
+tensor) costs one read of the base.
 """
 
 from __future__ import annotations
@@ -21,18 +23,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from weightmerge.emr import EMRArtifactWriter, base_identity
-from weightmerge.engine.driver import MergeOutcome
-from weightmerge.engine.stream import stream_merge
+from weightmerge.emr.result import EMRResult, EMRTensor
+from weightmerge.emr.sources import base_identity
+from weightmerge.emr.writer import EMRArtifactWriter
 from weightmerge.io.base import TensorSource
-
-if TYPE_CHECKING:
-    from weightmerge.engine.merge import MergeOptions, OpenedInputs
+from weightmerge.io.output import OutputJob, OutputWriter, Rows
 
 
 def task_names(paths: Sequence[str]) -> list[str]:
@@ -45,13 +46,6 @@ def task_names(paths: Sequence[str]) -> list[str]:
     while len(set(out)) < len(out):  # "a-2" given as a name too: fall back to positions
         out = [f"{n}-{i + 1}" for i, n in enumerate(names)]
     return out
-
-
-class _Discard:
-    """Sink for the plan's copied tensors: the artifact takes them from the base or the experts."""
-
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
-        pass
 
 
 class _ExpertTensors(Mapping[str, torch.Tensor]):
@@ -72,64 +66,105 @@ class _ExpertTensors(Mapping[str, torch.Tensor]):
         return len(self.read_as)
 
 
-def stream_emr_artifact(
-    inputs: OpenedInputs, out: Path, opts: MergeOptions, *, device: torch.device | None = None
-) -> tuple[MergeOutcome, dict[str, float]]:
-    """Merge ``inputs`` with EMR into the artifact directory ``out`` (existing, empty)."""
-    plan, cfg = inputs.plan, inputs.config
-    if inputs.base is None:
-        raise ValueError("merge_method emr needs a base_model")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    identity = base_identity(inputs.base)
-    timings["base_identity_s"] = time.perf_counter() - t0
-    tasks = task_names([e.model.lora or e.model.path for e in cfg.models])
-    layout = [(t.name, t.shape, t.out_dtype) for t in plan.merged]
-    own = {t.name: t.out_dtype for t in plan.tensors if t.action == "copy" and t.reason == "excluded"}
-    per_task = {
-        task: _ExpertTensors(src, {k: (plan.aliases[i] if plan.aliases else {}).get(k, k) for k in own}, own)
-        for i, (task, src) in enumerate(zip(tasks, inputs.models, strict=True))
-    }
-    base_config = inputs.base.config
-    configs: dict[str, Mapping[str, Any]] = {
-        task: src.config
-        for task, src in zip(tasks, inputs.models, strict=True)
-        if src.config is not None
-        and base_config is not None
-        and _model_config(src.config) != _model_config(base_config)
-    }
-    with EMRArtifactWriter(
-        out,
-        tasks=tasks,
-        layout=layout,
-        base_identity=identity,
-        rescale=str(inputs.model_params.get("rescale", "per_tensor_mean")),
-        compute_dtype=plan.compute_dtype,
-        max_shard_bytes=opts.shard_size,
-        atomic=False,
-    ) as writer:
-        outcome, t = stream_merge(
-            plan,
-            inputs.base,
-            inputs.models,
-            params_for=lambda name: inputs.params_by_tensor[name],
-            model_params=inputs.model_params,
-            sink=_Discard(),
-            emr_sink=writer.write,
-            seed=cfg.seed,
-            quiet=opts.quiet,
-            prefetch=opts.prefetch,
-            device=device,
+def _base_of(job: OutputJob) -> TensorSource:
+    if job.base is None:
+        raise ValueError("an EMR merge needs a base model")
+    return job.base
+
+
+class _MemoryEMR:
+    def __init__(self, job: OutputJob) -> None:
+        self.job = job
+        self.timings: dict[str, float] = {}
+        self.unified: dict[str, torch.Tensor] = {}
+        self.masks: list[dict[str, torch.Tensor]] = [{} for _ in job.models]
+
+    def write(self, name: str, rows: Rows, out: Any) -> None:
+        if rows is not None:
+            raise ValueError(f"tensor {name!r}: the in-memory output takes whole tensors")
+        self.unified[name] = out.unified.cpu()
+        cpu_masks = out.masks.cpu()
+        for i, m in enumerate(self.masks):
+            m[name] = cpu_masks[i]
+
+    def finish(self, extras: Mapping[str, Any]) -> EMRResult:
+        base = _base_of(self.job)
+        return EMRResult(
+            base={k: base.read(k) for k in sorted(base.keys())},
+            unified=self.unified,
+            masks=self.masks,
+            rescalers=[float(r) for r in extras["rescalers"]],
         )
-        timings.update(t)
-        t1 = time.perf_counter()
-        writer.finalize(outcome.extras["rescalers"], per_task if own else None, task_configs=configs)
-        timings["finalize_s"] = time.perf_counter() - t1
-    outcome.extras["tasks"] = tasks
-    return outcome, timings
+
+    def close(self) -> None:
+        pass
+
+
+class _DirectoryEMR:
+    def __init__(self, job: OutputJob, directory: Path, shard_size: int) -> None:
+        base = _base_of(job)
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        identity = base_identity(base)
+        self.timings["base_identity_s"] = time.perf_counter() - t0
+        self.tasks = task_names(job.labels)
+        own = {t.name: t.out_dtype for t in job.tensors if t.action == "copy" and t.reason == "excluded"}
+        self.per_task = {
+            task: _ExpertTensors(src, {k: job.read_name(i, k) for k in own}, own)
+            for i, (task, src) in enumerate(zip(self.tasks, job.models, strict=True))
+        }
+        self.own = bool(own)
+        base_config = base.config
+        self.configs: dict[str, Mapping[str, Any]] = {
+            task: src.config
+            for task, src in zip(self.tasks, job.models, strict=True)
+            if src.config is not None
+            and base_config is not None
+            and _model_config(src.config) != _model_config(base_config)
+        }
+        self.writer = EMRArtifactWriter(
+            directory,
+            tasks=self.tasks,
+            layout=[(t.name, t.shape, t.out_dtype) for t in job.merged],
+            base_identity=identity,
+            rescale=str(job.model_params.get("rescale", "per_tensor_mean")),
+            compute_dtype=job.compute_dtype,
+            max_shard_bytes=shard_size,
+            atomic=False,
+        )
+
+    def write(self, name: str, rows: Rows, out: Any) -> None:
+        self.writer.write(name, rows, EMRTensor(unified=out.unified.cpu(), masks=out.masks.cpu()))
+
+    def finish(self, extras: Mapping[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.writer.finalize(
+            extras["rescalers"], self.per_task if self.own else None, task_configs=self.configs
+        )
+        self.timings["finalize_s"] = time.perf_counter() - t0
+        return {"tasks": self.tasks}
+
+    def close(self) -> None:
+        self.writer.abort()  # nothing to undo once finalized
 
 
 def _model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A config without the keys that differ between identical models (paths, versions)."""
     skip = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
     return {k: v for k, v in config.items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class EMRArtifactOutput:
+    """EMR's output: an :class:`EMRResult` in memory, an artifact directory on disk."""
+
+    kind: str = "emr-artifact"
+
+    def in_memory(self, job: OutputJob) -> OutputWriter:
+        return _MemoryEMR(job)
+
+    def to_directory(self, job: OutputJob, directory: Path, *, shard_size: int) -> OutputWriter:
+        return _DirectoryEMR(job, directory, shard_size)
+
+
+EMR_ARTIFACT = EMRArtifactOutput()

@@ -1,7 +1,7 @@
 """Reading EMR artifacts: per-task state dicts (lazy), in-place task switching of a loaded model,
 streamed materialization of one task as a normal HF checkpoint, and ``info``.
 
-Task ``t`` of a merged tensor is ``weightmerge.api.emr_reconstruct(base, unified, mask_t,
+Task ``t`` of a merged tensor is ``weightmerge.emr.result.emr_reconstruct(base, unified, mask_t,
 rescaler_t)`` with the unified vector in the recorded compute dtype; the other tensors are the
 base's, and the task's own tensors (heads, excluded or shape-mismatched tensors) replace or add to
 them. Every operation checks, before it writes anything: the task name, the base (header and
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightmerge.api import emr_reconstruct
 from weightmerge.emr import bits
+from weightmerge.emr.result import emr_reconstruct
 from weightmerge.emr.sources import (
     HASH_CHUNK_BYTES,
     _read_rows,

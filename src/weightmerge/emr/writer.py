@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from weightmerge.emr import bits
+from weightmerge.emr.result import EMRResult, EMRTensor
 from weightmerge.emr.sources import base_identity as compute_base_identity
 from weightmerge.emr.sources import check_identity
 from weightmerge.emr.stfile import Entry, FileWriter, ShardedWriter, dtype_name
 from weightmerge.io.atomic import atomic_output_dir
-from weightmerge.methods.base import EMRTensor
 
 FORMAT = "weightmerge-emr"
 FORMAT_VERSION = 1
@@ -417,7 +417,7 @@ class _Aborted(Exception):
 
 
 def _version() -> str:
-    from weightmerge import __version__
+    from weightmerge.version import __version__
 
     return __version__
 
@@ -443,8 +443,6 @@ def write_emr_artifact(
     Output dtype defaults to each base tensor's dtype; the unified vector is stored in
     ``unified_dtype`` (default: the output dtype).
     """
-    from weightmerge.api import EMRResult
-
     if not isinstance(result, EMRResult):
         raise TypeError(f"result must be an EMRResult, got {type(result).__name__}")
     names = sorted(result.unified)

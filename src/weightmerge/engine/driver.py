@@ -16,7 +16,6 @@ import torch
 
 from weightmerge.engine.select import RadixSelect, SampleSelect
 from weightmerge.methods.base import (
-    EMRTensor,
     MethodSpec,
     OrderStat,
     Reduce,
@@ -416,10 +415,11 @@ def _refine_float64(
 def run_merge(
     inp: MergeInputs,
     method: MethodSpec,
-    emit: Callable[[str, Rows, torch.Tensor | EMRTensor], None],
+    emit: Callable[[str, Rows, Any], None],
 ) -> MergeOutcome:
-    """Run the statistics passes, then the apply pass; ``emit`` receives each merged tensor/chunk
-    in the compute dtype, on ``inp.device`` (casting and moving to the CPU is the sink's job)."""
+    """Run the statistics passes, then the apply pass; ``emit`` receives what ``apply`` returns for
+    each merged tensor/chunk, in the compute dtype, on ``inp.device`` (casting and moving to the CPU
+    is the output writer's job)."""
     if len(inp.models) < 1:
         raise ValueError("no models to merge")
     stats: dict[str, torch.Tensor] = {}

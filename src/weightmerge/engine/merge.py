@@ -1,13 +1,13 @@
 """Merge checkpoints described by a config into an output directory: the product's main job.
 
-open sources (headers only) -> plan (every user error reported here) -> statistics passes ->
-apply pass with positioned writes -> finalize (index, config.json, tokenizer, model card,
-resolved config) -> one atomic rename onto OUT.
+open sources (headers only) -> plan (every user error reported here) -> the method's output
+writer (``MethodSpec.output``: a checkpoint, EMR's artifact, ...) -> statistics passes -> apply
+pass into the writer -> finish (the writer's files; then tokenizer, model card, resolved config)
+-> one atomic rename onto OUT.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -23,6 +23,7 @@ from weightmerge.engine.card import model_card
 from weightmerge.engine.plan import MergePlan, build_plan
 from weightmerge.engine.stream import stream_merge
 from weightmerge.io.base import TensorSource
+from weightmerge.io.output import OutputJob
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 
@@ -60,9 +61,19 @@ class OpenedInputs:
     config: MergeConfig
     base: TensorSource | None
     models: list[TensorSource]
-    model_params: dict[str, Any]
     plan: MergePlan
-    params_by_tensor: dict[str, dict[str, Any]]
+
+    @property
+    def model_params(self) -> Mapping[str, Any]:
+        return self.plan.model_params
+
+    @property
+    def labels(self) -> list[str]:
+        """What the user named each model (the adapter for ``path+lora``)."""
+        return [e.model.lora or e.model.path for e in self.config.models]
+
+    def job(self) -> OutputJob:
+        return self.plan.output_job(self.base, self.models, labels=self.labels)
 
     def close(self) -> None:
         for s in ([self.base] if self.base is not None else []) + self.models:
@@ -86,38 +97,18 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
         if paths is None:
             continue
         model_params[key] = [open_source(str(p)) if isinstance(p, (str, os.PathLike)) else p for p in paths]
-    spec.check(model_params, len(models))
     plan = build_plan(
         spec,
         base,
         models,
         model_params=model_params,
+        tensor_params=cfg.params_by_tensor,
         exclude=cfg.exclude,
         out_dtype=cfg.output_dtype,
         compute_dtype=cfg.compute_dtype,
         max_memory=max_memory,
     )
-    by_tensor = cfg.params_by_tensor([t.name for t in plan.merged])
-    for name, p in by_tensor.items():
-        for key in spec.aux_inputs:  # statistics are model-level: use the opened sources
-            if key in model_params:
-                p[key] = model_params[key]
-        del name
-    return OpenedInputs(cfg, base, models, model_params, plan, by_tensor)
-
-
-def _write_config_json(src: TensorSource, out: Path, plan: MergePlan) -> None:
-    if src.config is None:
-        return
-    config = dict(src.config)
-    dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
-    if len(dtypes) == 1:
-        name = str(next(iter(dtypes))).replace("torch.", "")
-        if "dtype" in config or "torch_dtype" not in config:
-            config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return OpenedInputs(cfg, base, models, plan)
 
 
 def _tokenizer_dir(cfg: MergeConfig) -> str | None:
@@ -134,7 +125,6 @@ def merge_config(
 ) -> MergeReport:
     from weightmerge.device import resolve_device
     from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
-    from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
     device = resolve_device(opts.device)  # a bad choice fails before anything is read
@@ -145,43 +135,28 @@ def merge_config(
     plan = inputs.plan
     timings: dict[str, float] = {"plan_s": time.perf_counter() - t0}
     extras: dict[str, Any] = {"device": str(device)}
-    ref = inputs.base if inputs.base is not None else inputs.models[0]
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_output_dir(out, force=opts.force) as tmp:
             tmp = Path(tmp)
-            if plan.method.name == "emr":
-                from weightmerge.emr_artifact import stream_emr_artifact
-
-                outcome, t = stream_emr_artifact(inputs, tmp, opts, device=device)
+            writer = plan.method.output.to_directory(inputs.job(), tmp, shard_size=opts.shard_size)
+            try:
+                outcome, t = stream_merge(
+                    plan,
+                    inputs.base,
+                    inputs.models,
+                    writer=writer,
+                    seed=cfg.seed,
+                    quiet=opts.quiet,
+                    prefetch=opts.prefetch,
+                    device=device,
+                )
+                extras.update(outcome.extras)
+                extras.update(writer.finish(outcome.extras))
+                timings.update(writer.timings)
                 timings.update(t)
-                extras.update(outcome.extras)
-            else:
-                layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
-                writer = ShardedSafetensorsWriter(tmp, layout, shard_size=opts.shard_size)
-                try:
-                    outcome, t = stream_merge(
-                        plan,
-                        inputs.base,
-                        inputs.models,
-                        params_for=lambda name: inputs.params_by_tensor[name],
-                        model_params=inputs.model_params,
-                        sink=writer,
-                        seed=cfg.seed,
-                        quiet=opts.quiet,
-                        prefetch=opts.prefetch,
-                        device=device,
-                    )
-                    timings.update(t)
-                    t2 = time.perf_counter()
-                    writer.finalize()
-                    timings["finalize_s"] = time.perf_counter() - t2
-                finally:
-                    close = getattr(writer, "close", None)
-                    if close is not None:
-                        close()
-                extras.update(outcome.extras)
-                _write_config_json(ref, tmp, plan)
+            finally:
+                writer.close()
             tok = _tokenizer_dir(cfg)
             if opts.copy_tokenizer and tok is not None:
                 copy_tokenizer_files(tok, tmp)
@@ -202,11 +177,3 @@ def merge_config(
         inputs.close()
     timings["total_s"] = time.perf_counter() - t0
     return MergeReport(out=os.fspath(out), plan=plan, timings=timings, extras=extras)
-
-
-def plan_config(cfg: MergeConfig, *, max_memory: int | None = None) -> Mapping[str, Any]:
-    inputs = open_and_plan(cfg, max_memory=max_memory)
-    try:
-        return {"plan": inputs.plan, "text": inputs.plan.describe()}
-    finally:
-        inputs.close()

@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 import torch
 
+from weightmerge.io.output import CHECKPOINT, OutputFormat
+
 Tensor = torch.Tensor
 ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
 
@@ -132,20 +134,14 @@ StatRequest = Reduce | OrderStat | SampleCapture
 
 
 @dataclass(frozen=True)
-class EMRTensor:
-    """EMR's per-tensor output: the unified task vector and one boolean mask per model."""
-
-    unified: Tensor  # (*shape) compute dtype
-    masks: Tensor  # (n_models, *shape) bool
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     name: str
     summary: str
     paper: str
     params: tuple[Param, ...]
-    apply: Callable[[TensorCtx], Tensor | EMRTensor]
+    # The merged tensor (chunk) in the compute dtype, or whatever the method's ``output`` format
+    # takes (EMR: an ``EMRTensor``).
+    apply: Callable[[TensorCtx], Any]
     inputs: Literal["deltas", "weights"] = "deltas"
     needs_base: bool = True
     min_models: int = 1
@@ -159,17 +155,25 @@ class MethodSpec:
     aux_inputs: tuple[str, ...] = ()
     # Cross-parameter validation on model-level params; raise ValueError with a clear message.
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
+    # Plan-time rule on which parameters vary per tensor (filters, gradients), run before any tensor
+    # data is read by the config loader (so ``weightmerge validate`` reports it) and by the planner:
+    # (model-level params, {param name: where it varies}) -> raise ValueError naming the param.
+    check_varying: Callable[[Mapping[str, Any], Mapping[str, str]], None] = lambda _p, _v: None
     # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+    # What the results become (weightmerge.io.output): a checkpoint, or the method's own format.
+    output: OutputFormat = CHECKPOINT
 
     def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
         return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)
 
-    def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
+    def check_rules(
+        self, model_params: Mapping[str, Any], n_models: int, varying: Mapping[str, str] | None = None
+    ) -> None:
+        """Every plan-time rule of the method: ``check`` on the model-level params, then
+        ``check_varying`` with the parameters that vary per tensor (``{name: where}``)."""
+        self.check(model_params, n_models)
+        self.check_varying(model_params, dict(varying or {}))
 
 
 def row_partials(t: Tensor, full_ndim: int, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
