@@ -304,7 +304,7 @@ def sizes(artifact: Path, inp: Inputs) -> dict[str, Any]:
     import torch
 
     from weightmerge.emr import load_emr
-    from weightmerge.emr.stfile import parse_dtype
+    from weightmerge.emr.files import parse_dtype
     from weightmerge.emr.writer import MANIFEST
 
     with load_emr(artifact) as art:

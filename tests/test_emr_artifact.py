@@ -471,7 +471,7 @@ def test_non_zero_padding_bits_are_refused(tmp_path):
     art = load_emr(art_dir)
     with safe_open(str(art_dir / "masks-000.safetensors"), "pt") as f:
         assert f.get_tensor("c.bias").numel() == 2  # 11 elements: 5 padding bits in the last byte
-    from weightmerge.emr.stfile import read_header
+    from weightmerge.io.safetensors_format import read_header
 
     header, _ = read_header(art_dir / "masks-000.safetensors")
     path = art_dir / "masks-000.safetensors"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from weightmerge.emr import bits
+from weightmerge.emr.files import Entry, dtype_name, parse_dtype
 from weightmerge.emr.result import emr_reconstruct
 from weightmerge.emr.sources import (
     HASH_CHUNK_BYTES,
@@ -36,7 +37,6 @@ from weightmerge.emr.sources import (
     row_chunks,
     tensor_sha256,
 )
-from weightmerge.emr.stfile import Entry, dtype_code, dtype_name, parse_dtype, read_header
 from weightmerge.emr.writer import (
     DEFAULT_SHARD_BYTES,
     FORMAT,
@@ -47,6 +47,7 @@ from weightmerge.emr.writer import (
 )
 from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
+from weightmerge.io.safetensors_format import dtype_code, numel, read_header
 from weightmerge.io.writer import ShardedSafetensorsWriter
 
 BaseLike = TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]
@@ -66,7 +67,7 @@ class MergedTensor:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return numel(self.shape)
 
 
 class ArtifactError(ValueError):

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from weightmerge.emr.stfile import dtype_name, tensor_bytes
+from weightmerge.emr.files import dtype_name
 from weightmerge.io.base import TensorInfo, TensorSource
 from weightmerge.io.memory import DictSource
+from weightmerge.io.safetensors_format import tensor_bytes
 
 HASH_CHUNK_BYTES = 64 * 2**20
 Rows = tuple[int, int] | None

@@ -15,6 +15,7 @@ import torch
 
 from weightmerge.io.base import TensorSource
 from weightmerge.io.output import OutputJob
+from weightmerge.io.safetensors_format import itemsize, numel
 from weightmerge.methods.base import MethodSpec
 
 # Fixed overhead of the process (interpreter, torch, libraries), for the memory estimate.
@@ -49,10 +50,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
 
 @dataclass
@@ -93,7 +91,7 @@ class MergePlan:
         )
 
     def output_bytes(self) -> int:
-        return sum(t.numel * _itemsize(t.out_dtype) for t in self.tensors)
+        return sum(t.numel * itemsize(t.out_dtype) for t in self.tensors)
 
     def describe(self, *, show_tensors: int = 12) -> str:
         merged = self.merged
@@ -124,10 +122,6 @@ class MergePlan:
             if len(copied) > show_tensors:
                 lines.append(f"  ... and {len(copied) - show_tensors} more")
         return "\n".join(lines)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _fmt_bytes(n: int) -> str:
@@ -301,7 +295,7 @@ def plan_memory(plan: MergePlan, *, max_memory: int | None = None) -> MergePlan:
     (``row_chunkable``) methods split large 2-D+ tensors into cache-sized row chunks, and into
     smaller ones when ``max_memory`` asks; other methods must fit each tensor whole."""
     method, n = plan.method, plan.n_models
-    csize = _itemsize(plan.compute_dtype)
+    csize = itemsize(plan.compute_dtype)
     elementwise = method.is_elementwise(plan.model_params)
     buffers = n + EXTRA_BUFFERS
     planned: list[TensorPlan] = []

@@ -78,7 +78,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -138,9 +138,9 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _install(tmp, out, force=force)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         _remove(tmp)
         raise
