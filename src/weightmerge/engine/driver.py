@@ -215,6 +215,66 @@ def _presampled(requests: Sequence[StatRequest]) -> bool:
     )
 
 
+class _Reductions:
+    """The :class:`Reduce` requests of one pass over the sweep: each tensor's per-chunk float64
+    partials are kept side by side (:class:`_Partials`) and reduced once when the sweep moves to
+    the next tensor (so row chunking never changes the bits), then combined across tensors in
+    sweep (sorted-name) order."""
+
+    def __init__(self, inp: MergeInputs, reduces: Sequence[Reduce]) -> None:
+        self.inp, self.reduces = inp, list(reduces)
+        self.n = len(inp.models)
+        self.totals: dict[str, torch.Tensor | None] = {r.key: None for r in self.reduces}
+        self.pending = {r.key: _Partials(self.n) for r in self.reduces}
+        self.current: str | None = None
+
+    def add(self, name: str, ctx: TensorCtx) -> None:
+        if not self.reduces:
+            return
+        if name != self.current:
+            if self.current is not None:
+                self._close(self.current)
+            shape = self.inp.shapes[name]
+            rows_total = shape[0] if len(shape) >= 2 else 1
+            for r in self.reduces:
+                self.pending[r.key].start(rows_total)
+            self.current = name
+        for r in self.reduces:
+            self.pending[r.key].add(r.fn(ctx))
+
+    def _close(self, name: str) -> None:
+        for r in self.reduces:
+            part = self.pending[r.key].take()
+            red = (
+                part.sum(dim=1)
+                if r.op == "sum"
+                else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
+            )
+            if r.per_tensor_mean:
+                red = red / max(math.prod(self.inp.shapes[name]), 1)
+            self.totals[r.key] = _combine(self.totals[r.key], red, r.op)
+
+    def finish(self, stats: dict[str, torch.Tensor]) -> None:
+        """Close the last tensor and store every reduction in ``stats`` (zeros for an empty sweep)."""
+        if self.current is not None and self.reduces:
+            self._close(self.current)
+        for r in self.reduces:
+            t = self.totals[r.key]
+            stats[r.key] = t if t is not None else torch.zeros(self.n, dtype=torch.float64)
+
+
+def _sweep(
+    inp: MergeInputs, method: MethodSpec, stats: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, TensorCtx]]:
+    """One statistics sweep over the model: every tensor (row chunk) to merge, as a context whose
+    ``stats`` are those of the finished passes."""
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+        if inp.progress:
+            inp.progress("stats", name)
+        yield name, _ctx(inp, name, rows, base, x, stats)
+        del base, x
+
+
 def _run_pass(
     inp: MergeInputs,
     method: MethodSpec,
@@ -227,57 +287,21 @@ def _run_pass(
     to the radix select (two more sweeps, and four more to make float64 values exact). When every
     order statistic is presampled (from earlier captures) the first sweep is skipped and the
     reductions run in the gathering sweep."""
-    reduces = [r for r in requests if isinstance(r, Reduce)]
+    reductions = _Reductions(inp, [r for r in requests if isinstance(r, Reduce)])
     orders = [r for r in requests if isinstance(r, OrderStat)]
     caps = [r for r in requests if isinstance(r, SampleCapture)]
     presampled = _presampled(requests)
     n = len(inp.models)
     total = sum(math.prod(inp.shapes[name]) for name in inp.names)  # values per row
     samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
-    capturers: dict[str, SampleSelect] = {}
-    ranks: dict[str, torch.Tensor] = {}
-    totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
-    pending = {r.key: _Partials(n) for r in reduces}
-    current: str | None = None
-
-    def close_tensor(name: str) -> None:
-        for r in reduces:
-            part = pending[r.key].take()
-            red = (
-                part.sum(dim=1)
-                if r.op == "sum"
-                else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
-            )
-            if r.per_tensor_mean:
-                red = red / max(math.prod(inp.shapes[name]), 1)
-            totals[r.key] = _combine(totals[r.key], red, r.op)
-
-    def reduce_chunk(name: str, ctx: TensorCtx) -> None:
-        nonlocal current
-        if name != current:
-            if current is not None:
-                close_tensor(current)
-            rows_total = inp.shapes[name][0] if len(inp.shapes[name]) >= 2 else 1
-            for r in reduces:
-                pending[r.key].start(rows_total)
-            current = name
-        for r in reduces:
-            pending[r.key].add(r.fn(ctx))
-
-    def finish_reduces() -> None:
-        if current is not None and reduces:
-            close_tensor(current)
-        for r in reduces:
-            t = totals[r.key]
-            stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
-
-    if not presampled:
-        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-            if inp.progress:
-                inp.progress("stats", name)
-            ctx = _ctx(inp, name, rows, base, x, stats)
-            if reduces:
-                reduce_chunk(name, ctx)
+    if presampled:
+        for o in orders:
+            assert o.presample is not None
+            samplers[o.key].install_sample(o.presample(stats, captures), total)
+    else:
+        capturers: dict[str, SampleSelect] = {}
+        for name, ctx in _sweep(inp, method, stats):
+            reductions.add(name, ctx)
             for o in orders:
                 samplers[o.key].add_sample(o.fn(ctx), name, check=not o.nan_free)
             for c in caps:
@@ -285,15 +309,12 @@ def _run_pass(
                 if c.key not in capturers:
                     capturers[c.key] = SampleSelect(values.shape[0], total, what=c.key)
                 capturers[c.key].add_sample(values, name, check=False)
-        finish_reduces()
+        reductions.finish(stats)
         for key, cap in capturers.items():
             captures[key] = cap.captured()
-    else:
-        for o in orders:
-            assert o.presample is not None
-            samplers[o.key].install_sample(o.presample(stats, captures), total)
     if not orders:
         return
+    ranks: dict[str, torch.Tensor] = {}
     for o in orders:
         sampler = samplers[o.key]
         if sampler.count == 0:
@@ -302,16 +323,13 @@ def _run_pass(
             )
         ranks[o.key] = torch.full((n,), o.rank(sampler.count), dtype=torch.int64)
         sampler.set_ranks(ranks[o.key])
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-        if inp.progress:
-            inp.progress("stats", name)
-        ctx = _ctx(inp, name, rows, base, x, stats)
-        if presampled and reduces:
-            reduce_chunk(name, ctx)
+    for name, ctx in _sweep(inp, method, stats):
+        if presampled:
+            reductions.add(name, ctx)
         for o in orders:
             samplers[o.key].add_gather(o.fn(ctx), name)
     if presampled:
-        finish_reduces()
+        reductions.finish(stats)
     missed: list[OrderStat] = []
     for o in orders:
         found = samplers[o.key].finish()
@@ -348,10 +366,7 @@ def _select_sweeps(
     """Exact float32 order statistics of the values ``fns`` yield: two sweeps over the data."""
     selects = {k: RadixSelect(len(inp.models), what=k) for k in fns}
     for level in (1, 2):
-        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-            if inp.progress:
-                inp.progress("stats", name)
-            ctx = _ctx(inp, name, rows, base, x, stats)
+        for name, ctx in _sweep(inp, method, stats):
             for k, fn in fns.items():
                 sel = selects[k]
                 (sel.add_level1 if level == 1 else sel.add_level2)(fn(ctx), name)
