@@ -366,8 +366,8 @@ def test_describes_itself() -> None:
         "scope": "global",
         "dare_drop_rate": 0.0,
     }
-    assert spec.is_elementwise(resolve_params(spec, {}, 2))
-    assert not spec.is_elementwise(resolve_params(spec, {"scope": "per_tensor"}, 2))
+    assert spec.is_row_chunkable(resolve_params(spec, {}, 2))
+    assert not spec.is_row_chunkable(resolve_params(spec, {"scope": "per_tensor"}, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ class MergeConfig:
         return out
 
     def model_params(self) -> dict[str, Any]:
-        """Model-level parameters (for ``MethodSpec.passes/check/finalize/is_elementwise``), in the
+        """Model-level parameters (for ``MethodSpec.passes/check/finalize/is_row_chunkable``), in the
         raw form ``resolve_params`` takes: every parameter whose value is the same for all tensors
         (all ``tensor_scoped=False`` ones -- the loader rejects filters/gradients on those -- and
         tensor-scoped ones written as plain values). Tensor-scoped parameters that vary (filters,

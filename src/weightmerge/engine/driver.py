@@ -442,7 +442,7 @@ def run_merge(
     for requests in method.passes(inp.model_params):
         _run_pass(inp, method, requests, stats, captures)
     captures.clear()
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.is_elementwise(inp.model_params)):
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.is_row_chunkable(inp.model_params)):
         if inp.progress:
             inp.progress("apply", name)
         out = method.apply(_ctx(inp, name, rows, base, x, stats))

@@ -22,13 +22,11 @@ from weightmerge.methods.base import MethodSpec
 FIXED_OVERHEAD_BYTES = 600 * 2**20
 # Working buffers besides the n stacked inputs: base, result, and ~2 temporaries of one tensor.
 EXTRA_BUFFERS = 4
-# Element-wise methods process large tensors in row chunks of about this many elements per model
-# even without --max-memory: the working set then stays in cache, buffers of one size are reused
-# by the allocator instead of being faulted in afresh, and the RSS stays flat as models grow.
-# Element-wise results do not depend on the chunking (the tests check this bit for bit).
-# 2^18 rather than 2^20: on the 168M bench model (4 experts, 2 cores) PCB's CPU time fell by
-# about 15 % and its system time by half, EMR's by 15-20 %, TA and global TIES kept their speed,
-# and every peak RSS fell by 100-200 MiB (docs/benchmarks.md).
+# Row-chunkable methods (``MethodSpec.row_chunkable``) process large tensors in row chunks of about
+# this many elements per model even without --max-memory: the working set then stays in cache,
+# buffers of one size are reused by the allocator instead of being faulted in afresh, and the RSS
+# stays flat as models grow. Their results do not depend on the chunking (the tests check this
+# bit for bit). Why 2^18: docs/engine.md ("Memory is a contract").
 CACHE_CHUNK_ELEMENTS = 1 << 18
 
 TIED_PAIRS = (
@@ -110,7 +108,7 @@ class MergePlan:
             lines.append(f"statistics passes over the whole model: {self.stat_passes} (then one apply pass)")
         chunked = [t for t in merged if t.chunk_rows is not None]
         if chunked:
-            lines.append(f"row-chunked tensors (element-wise method; --max-memory): {len(chunked)}")
+            lines.append(f"row-chunked tensors (row-chunkable method; --max-memory): {len(chunked)}")
         lines.append(f"estimated peak memory: {_fmt_bytes(self.est_peak_bytes)}")
         for note in self.notes:
             lines.append(f"note: {note}")
@@ -291,12 +289,12 @@ def match_tensors(
 
 
 def plan_memory(plan: MergePlan, *, max_memory: int | None = None) -> MergePlan:
-    """Row-chunking and the peak-memory estimate of a matched plan: element-wise
-    (``row_chunkable``) methods split large 2-D+ tensors into cache-sized row chunks, and into
+    """Row-chunking and the peak-memory estimate of a matched plan: row-chunkable
+    (``MethodSpec.row_chunkable``) methods split large 2-D+ tensors into cache-sized row chunks, and into
     smaller ones when ``max_memory`` asks; other methods must fit each tensor whole."""
     method, n = plan.method, plan.n_models
     csize = itemsize(plan.compute_dtype)
-    elementwise = method.is_elementwise(plan.model_params)
+    chunkable = method.is_row_chunkable(plan.model_params)
     buffers = n + EXTRA_BUFFERS
     planned: list[TensorPlan] = []
     budget = None
@@ -312,7 +310,7 @@ def plan_memory(plan: MergePlan, *, max_memory: int | None = None) -> MergePlan:
         rows = None
         need = t.numel * buffers * csize
         if t.action == "merge" and budget is not None and need > budget:
-            if not elementwise or len(t.shape) < 2:
+            if not chunkable or len(t.shape) < 2:
                 raise ValueError(
                     f"tensor {t.name!r} ({t.numel:,} elements) needs about {_fmt_bytes(need)} with "
                     f"{n} models, over --max-memory; method {method.name!r} with these options cannot "
@@ -320,7 +318,7 @@ def plan_memory(plan: MergePlan, *, max_memory: int | None = None) -> MergePlan:
                 )
             row_bytes = (t.numel // t.shape[0]) * buffers * csize
             rows = max(1, budget // row_bytes)
-        if t.action == "merge" and elementwise and len(t.shape) >= 2 and t.numel > CACHE_CHUNK_ELEMENTS:
+        if t.action == "merge" and chunkable and len(t.shape) >= 2 and t.numel > CACHE_CHUNK_ELEMENTS:
             cache_rows = max(1, CACHE_CHUNK_ELEMENTS // max(1, t.numel // t.shape[0]))
             rows = cache_rows if rows is None else min(rows, cache_rows)
         if rows is not None and rows >= t.shape[0]:

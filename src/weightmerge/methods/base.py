@@ -46,6 +46,11 @@ from weightmerge.io.output import CHECKPOINT, OutputFormat
 
 Tensor = torch.Tensor
 ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
+# How a side input (a ``kind="stats"`` parameter: per-model tensors the user supplies, e.g. Fisher
+# diagonals) is keyed; see ``weightmerge.methods.aux``:
+#   "param"       -- by tensor name, the tensor's shape (a row chunk gets the same rows);
+#   "module_gram" -- by module name (tensor "m.weight" <-> key "m"), a square (d, d) Gram matrix.
+SideLayout = Literal["param", "module_gram"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Param:
     high_open: bool = False  # True: value must be < high (else <=)
     required: bool = False
     tensor_scoped: bool = True  # may vary per tensor (filters / gradients); False = model-level
+    layout: SideLayout = "param"  # kind "stats" only: how the side input is keyed (see SideLayout)
 
 
 @dataclass(frozen=True)
@@ -148,11 +154,10 @@ class MethodSpec:
     max_models: int | None = None
     # Statistics passes, built from the model-level params: a list of passes, each a list of requests.
     passes: Callable[[Mapping[str, Any]], Sequence[Sequence[StatRequest]]] = lambda _p: ()
-    # True: apply() may be called on row-chunks (no whole-tensor statistic inside apply). A callable
-    # decides from the model-level params (e.g. PCB: global scope is element-wise, per_tensor is not).
-    elementwise: bool | Callable[[Mapping[str, Any]], bool] = True
-    # Per-tensor statistics the method reads from ``ctx.aux`` (keys of params holding dicts).
-    aux_inputs: tuple[str, ...] = ()
+    # True: apply() may be called on row chunks of a tensor (its result on a chunk is the matching
+    # rows of its result on the whole tensor: no whole-tensor statistic inside apply). A callable
+    # decides from the model-level params (e.g. PCB: global scope is chunkable, per_tensor is not).
+    row_chunkable: bool | Callable[[Mapping[str, Any]], bool] = True
     # Cross-parameter validation on model-level params; raise ValueError with a clear message.
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
     # Plan-time rule on which parameters vary per tensor (filters, gradients), run before any tensor
@@ -164,8 +169,13 @@ class MethodSpec:
     # What the results become (weightmerge.io.output): a checkpoint, or the method's own format.
     output: OutputFormat = CHECKPOINT
 
-    def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
-        return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)
+    def is_row_chunkable(self, model_params: Mapping[str, Any]) -> bool:
+        return self.row_chunkable(model_params) if callable(self.row_chunkable) else bool(self.row_chunkable)
+
+    @property
+    def aux_inputs(self) -> tuple[str, ...]:
+        """The side inputs the method reads from ``ctx.aux``: its ``kind="stats"`` parameters."""
+        return tuple(p.name for p in self.params if p.kind == "stats")
 
     def check_rules(
         self, model_params: Mapping[str, Any], n_models: int, varying: Mapping[str, str] | None = None

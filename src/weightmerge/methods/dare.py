@@ -189,7 +189,7 @@ LINEAR_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2311.03099",
     params=_params("divide by the sum of weights"),
     apply=_apply_linear,
-    elementwise=lambda p: p["rescale"] != "l1",
+    row_chunkable=lambda p: p["rescale"] != "l1",
 )
 
 TIES_SPEC = MethodSpec(
@@ -198,5 +198,5 @@ TIES_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2311.03099",
     params=_params("divide by the sum of agreeing weights"),
     apply=_apply_ties,
-    elementwise=lambda p: p["rescale"] != "l1",
+    row_chunkable=lambda p: p["rescale"] != "l1",
 )

@@ -168,7 +168,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     passes=_passes,
-    elementwise=True,
-    aux_inputs=("fisher",),
+    row_chunkable=True,
     check=_check,
 )

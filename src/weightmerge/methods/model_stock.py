@@ -60,7 +60,7 @@ def _apply(ctx: TensorCtx) -> Tensor:
     return model_stock_merge(ctx.base, ctx.x, filter_wise=bool(ctx.params["filter_wise"]))
 
 
-def _elementwise(params: Mapping[str, Any]) -> bool:
+def _row_chunkable(params: Mapping[str, Any]) -> bool:
     return bool(params["filter_wise"])
 
 
@@ -80,5 +80,5 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     min_models=2,
-    elementwise=_elementwise,
+    row_chunkable=_row_chunkable,
 )

@@ -77,5 +77,5 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
-    elementwise=False,
+    row_chunkable=False,
 )

@@ -361,5 +361,5 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     passes=_passes,
-    elementwise=lambda p: p["scope"] == "global",
+    row_chunkable=lambda p: p["scope"] == "global",
 )

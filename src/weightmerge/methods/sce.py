@@ -79,5 +79,5 @@ SPEC = MethodSpec(
         Param("int8_mask", "bool", False, "accepted for mergekit configs; no effect", tensor_scoped=False),
     ),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
 )

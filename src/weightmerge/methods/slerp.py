@@ -63,5 +63,5 @@ SPEC = MethodSpec(
     needs_base=True,
     min_models=1,
     max_models=1,
-    elementwise=False,
+    row_chunkable=False,
 )

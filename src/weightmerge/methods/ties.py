@@ -630,7 +630,7 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     passes=_passes,
-    elementwise=lambda p: effective_scope(p) == "global",
+    row_chunkable=lambda p: effective_scope(p) == "global",
     check=_check,
     check_varying=_check_varying,
 )
