@@ -21,7 +21,7 @@ pipq() {
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pipq "torch==2.13.0"
-pipq -e ".[eval,dev]"
+pipq -e ".[eval,search,dev]"
 if [ "${1:-}" = "--test" ]; then
   # test-only oracle: mergekit 0.1.5 (its in-memory API and mergekit-yaml); torch 2.13.0 already
   # satisfies its torch>=2.0, so nothing pulls another torch.
@@ -30,5 +30,11 @@ if [ "${1:-}" = "--test" ]; then
   pipq "fusion-bench==0.2.33"
   # PEFT oracle (tests/test_io_peft.py: merge_and_unload); --no-deps keeps torch as installed
   pipq --no-deps "peft>=0.17" "accelerate>=1.0"  # usually already pulled in by fusion-bench
+  # weightmerge search: Ray (--ray, tests/test_search_parallel.py) and lm-evaluation-harness (the
+  # lm_eval evaluator, tests/test_search_lm_eval.py); neither pulls another torch
+  pipq "ray==2.60.0" "lm_eval==0.4.13"
 fi
 .venv/bin/python -c "import torch, weightmerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# compile the numba kernels once now (cached next to weightmerge/kernels/_numba.py, or in
+# NUMBA_CACHE_DIR), so that neither the first merge nor the first test run pays for it
+.venv/bin/python -c "import weightmerge.kernels as k; k.warm_up()"

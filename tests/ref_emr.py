@@ -1,10 +1,10 @@
-"""A slow, literal reference of EMR-Merging (harveyhuang18/EMR_Merging semantics, methods spec §9).
+"""A slow, literal reference of EMR-Merging (harveyhuang18/EMR_Merging semantics, docs/methods/emr.md).
 
-Written straight from the spec, sharing no code with weightmerge: per tensor, per element, the
-mean over tasks elects the direction (mean exactly 0 -> -1), the largest agreeing magnitude is the
-unified value, masks are strict agreement; rescalers are ratios of sums of per-tensor means
-("per_tensor_mean") or of sums over the flattened model ("global"; sorted key order). A zero
-denominator gives 1.0 (weightmerge's documented guard; the reference code divides by zero).
+Written straight from the formulas of docs/methods/emr.md, sharing no code with weightmerge: per
+tensor, per element, the mean over tasks elects the direction (mean exactly 0 -> -1), the largest
+agreeing magnitude is the unified value, masks are strict agreement; rescalers are ratios of sums of
+per-tensor means ("per_tensor_mean") or of sums over the flattened model ("global"; sorted key
+order). A zero denominator gives 1.0 (weightmerge's documented guard; the reference code divides by zero).
 """
 
 from __future__ import annotations

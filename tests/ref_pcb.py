@@ -1,9 +1,10 @@
-"""A slow, literal reference of PCB-Merging (duguodong7/pcb-merging semantics, methods spec §8.2).
+"""A slow, literal reference of PCB-Merging (duguodong7/pcb-merging semantics, docs/methods/pcb.md).
 
-Written straight from the spec, on one flattened float64 vector per model, sharing no code with
-weightmerge: flatten the task vectors in sorted key order, full sorts for every order statistic,
-the authors' exp(n U^2) (not the shifted form), min/max of the clamped magnitudes taken directly,
-the three inter-score variants written out, then cut the vector back into tensors.
+Written straight from the formulas of docs/methods/pcb.md, on one flattened float64 vector per
+model, sharing no code with weightmerge: flatten the task vectors in sorted key order, full sorts
+for every order statistic, the authors' exp(n U^2) (not the shifted form), min/max of the clamped
+magnitudes taken directly, the three inter-score variants written out, then cut the vector back into
+tensors.
 
 Guards (weightmerge's documented choices, the authors leave these divisions unguarded): a row whose
 clamped magnitudes are constant gets U = 0; a row whose max beta equals its threshold gets W = 0.

@@ -1,6 +1,6 @@
-"""A slow, literal reference of paper TIES (prateeky2806/ties-merging semantics, methods spec §4).
+"""A slow, literal reference of paper TIES (prateeky2806/ties-merging semantics, docs/methods/ties.md).
 
-Written straight from the spec's pseudocode, on one flattened float64 vector per model, with no
+Written straight from the formulas of docs/methods/ties.md, on one flattened float64 vector per model, with no
 code shared with weightmerge: flatten the state dicts in sorted key order, concatenate, trim each
 row at its (D - k)-th smallest magnitude (k = floor(D * density); density 1 = no trim), elect the
 sign of the column sum (zero -> the sign of the sum of elected signs), keep entries that agree

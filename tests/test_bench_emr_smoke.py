@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow  # a child process builds checkpoints, merges, materializes and switches
 def test_bench_emr_quick(tmp_path: Path) -> None:
     out = tmp_path / "emr.json"
     cmd = [

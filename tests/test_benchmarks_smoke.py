@@ -32,6 +32,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_models.make_models(_spec(), tmp_path_factory.mktemp("models"), quiet=True)
 
 
+@pytest.mark.slow  # builds a transformers model
 def test_generated_checkpoint_is_a_transformers_llama(tiny_models: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,6 +55,7 @@ def test_param_count_matches_shapes() -> None:
     assert 160e6 < make_models.param_count(s) < 170e6
 
 
+@pytest.mark.slow  # the tiny_models fixture generates checkpoints
 def test_task_vectors_are_structured(tiny_models: Path) -> None:
     base = bench_compare.CheckpointDir(tiny_models / "base")
     e1 = bench_compare.CheckpointDir(tiny_models / "expert_1")
@@ -72,6 +74,7 @@ def test_task_vectors_are_structured(tiny_models: Path) -> None:
     assert (dn != 0).float().mean() > 0.5  # norms change too (their bf16 ulp is 2^-7)
 
 
+@pytest.mark.slow
 def test_generation_is_cached_and_deterministic(tiny_models: Path, tmp_path: Path) -> None:
     f = tiny_models / "expert_1" / "model-00001-of-00002.safetensors"
     files = sorted((tiny_models / "expert_1").glob("*.safetensors"))
@@ -122,7 +125,6 @@ def test_median() -> None:
     assert bench_measure.median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
-@pytest.mark.slow
 def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     """Run a benchmarks/ script in a fresh process with this venv's tools on PATH; must exit 0."""
     cmd = [sys.executable, str(BENCH / script), *args]
@@ -132,6 +134,7 @@ def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.Complet
     return proc
 
 
+@pytest.mark.slow
 def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     """Two methods on the tiny preset, one run each: one against mergekit, one in memory."""
     pytest.importorskip("mergekit")
@@ -153,6 +156,7 @@ def test_bench_merge_end_to_end(tmp_path: Path) -> None:
     assert "| linear |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_small_tensors_end_to_end(tmp_path: Path) -> None:
     """Tiny layouts, one round: both checked against the in-memory API, timed, summarised."""
     results = tmp_path / "results"

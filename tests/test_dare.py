@@ -35,7 +35,7 @@ def random_sds(seed, shapes, n, dtype=torch.float32, scale=0.1):
 
 
 def ref_dare(base, models, method, *, seed, weights, densities, lam=1.0, normalize=False, rescale="l1"):
-    """Literal float64 reference, element by element, from the spec (§5) and the draws' contract:
+    """Literal float64 reference, element by element, from docs/methods/dare.md and the draws' contract:
     entry j of tensor `name` of model i is kept iff uniform(seed, name, i, 0, N, N)[j] < density_i."""
     out = {}
     for name in sorted(base):

@@ -1,5 +1,5 @@
-"""EMR-Merging: spec §9 golden, a literal reference (tests/ref_emr.py), the fusion-bench oracle,
-properties (reconstruction, order, chunking), bad input."""
+"""EMR-Merging: the worked example of docs/methods/emr.md, a literal reference (tests/ref_emr.py),
+the fusion-bench oracle, properties (reconstruction, order, chunking), bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from weightmerge.methods._params import resolve_params
 from weightmerge.methods.registry import get_method
 
 F64 = torch.float64
-# methods spec §4/§9: x = T[:, :6], y = T[:, 6:]
+# docs/methods/emr.md: x = T[:, :6], y = T[:, 6:] of docs/methods/ties.md#worked-example
 T_GOLDEN = torch.tensor(
     [
         [0.5, -0.2, 0.1, 0.0, 0.9, -0.4, 0.3, -0.05, 0.2, 0.6],
@@ -26,7 +26,7 @@ T_GOLDEN = torch.tensor(
 )
 UNIFIED_X = [0.5, -0.2, -0.5, 0.2, 0.9, -0.4]
 UNIFIED_Y = [-0.6, -0.05, 0.4, 0.7]
-# M_0 from the spec; M_1, M_2 by hand: elected signs x [+,-,-,+,+,-], y [-,-,+,+]
+# M_0 from docs/methods/emr.md; M_1, M_2 by hand: elected signs x [+,-,-,+,+,-], y [-,-,+,+]
 MASKS_X = [[1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 1, 0], [1, 0, 1, 1, 0, 1]]
 MASKS_Y = [[0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 1, 0]]
 RESCALERS = {"per_tensor_mean": [1.026846, 1.3, 1.636364], "global": [1.031746, 1.326923, 1.45]}
@@ -108,7 +108,7 @@ def run_driver(base: dict, models: list[dict], params: dict, *, rows: int | None
 
 
 # ---------------------------------------------------------------------------------------------
-# Golden (methods spec §9)
+# The worked example of docs/methods/emr.md
 
 
 @pytest.mark.parametrize("rescale", ["per_tensor_mean", "global"])
@@ -164,6 +164,7 @@ def test_matches_reference(rescale: str, dtype: torch.dtype) -> None:
     assert len(set(out.rescalers)) == 4
 
 
+@pytest.mark.slow  # imports fusion_bench
 def test_matches_fusion_bench() -> None:
     """fusion-bench 0.2.33 ``emr_merge`` (a port of the reference code: per-tensor-mean rescalers,
     accumulated in float32)."""

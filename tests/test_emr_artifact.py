@@ -201,7 +201,7 @@ def test_materialized_tasks_equal_emr_result_exactly(llama, tmp_path, rescale):
     )
     art = load_emr(out)
     assert art.rescale == rescale and art.rescalers == res.rescalers
-    # the rescalers differ between the two modes (the spec's toy shows it; here too)
+    # the rescalers differ between the two modes (docs/methods/emr.md's worked example shows it; here too)
     other = merge_state_dicts(
         base, experts, "emr", {"rescale": "global" if rescale != "global" else "per_tensor_mean"}
     )

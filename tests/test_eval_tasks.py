@@ -412,6 +412,7 @@ def test_rdata_clean_up() -> None:
 # the built-in tasks, from the packaged data
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 @pytest.mark.parametrize("name", ALL_BUILTIN)
 def test_builtin_task_default_splits(name: str) -> None:
@@ -429,6 +430,7 @@ def test_builtin_task_default_splits(name: str) -> None:
     assert all(0 < len(text) <= 600 for s in task.splits() for text, _ in s)
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 @pytest.mark.parametrize("name", ALL_BUILTIN)
 def test_builtin_task_seeding(name: str) -> None:
@@ -441,6 +443,7 @@ def test_builtin_task_seeding(name: str) -> None:
     assert c.train != a.train and c.fingerprint() != a.fingerprint()
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 @pytest.mark.parametrize("name", T.BUILTIN_HELD_OUT)
 def test_held_out_tasks_share_their_heads_label_space(name: str) -> None:
@@ -451,6 +454,7 @@ def test_held_out_tasks_share_their_heads_label_space(name: str) -> None:
         assert build(held_in, n_train=16, n_val=16, n_test=16).head is None
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 def test_wordnet_usage_tasks_never_share_a_synset_with_their_head() -> None:
     verb = build("wordnet_verb", n_train=1000, n_val=200, n_test=400)
@@ -471,6 +475,7 @@ def test_wordnet_usage_tasks_never_share_a_synset_with_their_head() -> None:
             assert f"verb.{usage.label_names[label]}" in {lexname[k] for k in by_example[text]}
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 def test_builtin_labels_match_their_source() -> None:
     pos = build("wordnet_pos", n_train=40, n_val=8, n_test=8)
@@ -494,6 +499,7 @@ def test_builtin_task_too_large_request_names_the_limit() -> None:
         build("tweet_source", n_train=10_000)
 
 
+@pytest.mark.slow  # builds the built-in tasks from the Debian data packages
 @pytest.mark.eval
 def test_builtin_splits_stable_across_processes() -> None:
     names = ("wordnet_verb", "fortune_topic", "vader_words")

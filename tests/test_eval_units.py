@@ -240,6 +240,7 @@ def test_epoch_batches_cover_every_example_once_with_less_padding() -> None:
     assert padding(batches) < padding(plain)
 
 
+@pytest.mark.slow  # fine-tunes twice
 def test_fine_tune_is_seeded_and_keeps_the_best(encoder) -> None:
     data = encode(encoder.tokenizer, EXAMPLES * 3, max_length=32)
     val = encode(encoder.tokenizer, EXAMPLES, max_length=32)

@@ -75,6 +75,7 @@ def test_missing_parent_is_an_error(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # a child merge, killed, then run again
 def test_sigkilled_run_leaves_no_output_and_rerun_succeeds(tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = textwrap.dedent(

@@ -1,6 +1,6 @@
-"""The fused numba kernels (methods/_numba_kernels.py) against the torch code they replace: same
-bits (compared as integers, so -0.0 and +0.0 differ), same errors; and the driver's read-ahead
-memory rule."""
+"""The fused numba kernels (weightmerge/kernels/) and the paths built on them (TIES' fused CPU path,
+DARE-TIES, the engine's sampled selection) against the reference torch code: same bits (compared
+as integers, so -0.0 and +0.0 differ), same errors; and the driver's read-ahead memory rule."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from weightmerge import merge_state_dicts
+from weightmerge import kernels, merge_state_dicts
 from weightmerge.engine import driver
-from weightmerge.methods import _kernels
+from weightmerge.methods import _ties_fused
 from weightmerge.methods import ties as ties_mod
 
 
@@ -27,10 +27,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.fixture
 def torch_only(monkeypatch):
-    """Run the torch code: the kernels report themselves unavailable."""
+    """Run the reference torch code: the kernels report themselves unavailable."""
 
     def disable() -> None:
-        monkeypatch.setattr(_kernels, "_module", lambda: None)
+        monkeypatch.setattr(kernels, "_module", lambda: None)
 
     return disable
 
@@ -39,10 +39,10 @@ def test_kernels_are_enabled_here():
     """The parity tests below compare two paths only if numba really runs: fail, not pass, if not."""
     if os.environ.get("WEIGHTMERGE_KERNELS") == "0":
         pytest.skip("WEIGHTMERGE_KERNELS=0 disables the kernels on purpose")
-    assert _kernels.enabled()
-    assert _kernels.usable(torch.zeros(3), torch.zeros(3, dtype=torch.float32))
-    assert not _kernels.usable(torch.zeros(3, dtype=torch.bfloat16))
-    assert not _kernels.usable(torch.zeros(3), torch.zeros(3, dtype=torch.float64))  # mixed dtypes
+    assert kernels.enabled()
+    assert kernels.usable(torch.zeros(3), torch.zeros(3, dtype=torch.float32))
+    assert not kernels.usable(torch.zeros(3, dtype=torch.bfloat16))
+    assert not kernels.usable(torch.zeros(3), torch.zeros(3, dtype=torch.float64))  # mixed dtypes
 
 
 def _case(kind: str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,30 +65,27 @@ def _case(kind: str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Te
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["ties", "bf16", "normal"])
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (0.5, 2.0, 1.0, 0.25), (1.0, -0.7, 0.0, 1.5)])
-def test_ties_kernel_equals_torch_bit_for_bit(monkeypatch, torch_only, dtype, kind, weights):
-    monkeypatch.setattr(ties_mod, "SELECT_DIRECT", 500)  # rows above this are sampled
-    monkeypatch.setattr(ties_mod, "SAMPLE_SIZE", 64)
+def test_ties_kernel_equals_torch_bit_for_bit(monkeypatch, dtype, kind, weights):
+    """The fused per-tensor path against the reference (trim, then mergekit's sign test)."""
+    monkeypatch.setattr(_ties_fused, "SELECT_DIRECT", 500)  # rows above this are sampled
+    monkeypatch.setattr(_ties_fused, "SAMPLE_SIZE", 64)
     gen = torch.Generator().manual_seed(len(kind) * 31 + int(sum(weights) * 100))
     x, base = _case(kind, dtype, gen)
     w = torch.tensor(weights, dtype=dtype)
     cases = [([0.2] * 4, 1.0, True), ([0.05, 0.5, 1.0, 0.3], 0.7, False), ([0.9, 1e-4, 0.3, 1.0], 1.3, True)]
-    fast = [
-        ties_mod.ties_per_tensor_blocked(base, x.clone(), d, w, lam=lam, normalize=nz, name="t")
-        for d, lam, nz in cases
-    ]
-    torch_only()
-    for (d, lam, nz), got in zip(cases, fast, strict=True):
-        ref = ties_mod.ties_per_tensor_blocked(
-            base, x.clone(), d, w, lam=lam, normalize=nz, name="t", block=97
-        )
-        assert _same(got, ref), (d, lam, nz)
-        plain = x.clone()  # and the unblocked reference (trim, then mergekit's sign test)
+    for d, lam, nz in cases:
+        got = _ties_fused.per_tensor(base, x.clone(), _ranks(x, d), w, lam=lam, normalize=nz, name="t")
+        plain = x.clone()
         ties_mod.trim_per_tensor(plain, d, variant="mergekit", rescale=False, name="t")
         want = ties_mod.ties_combine(base, plain, w, variant="mergekit", lam=lam, normalize=nz)
         assert _same(got, want), (d, lam, nz)
 
 
-def test_ties_kernel_errors_on_nan_like_torch(torch_only):
+def _ranks(x: torch.Tensor, densities: list[float]) -> list[int | None]:
+    return [ties_mod.threshold_rank(numel=x[0].numel(), density=d, variant="mergekit") for d in densities]
+
+
+def test_ties_kernel_errors_on_nan_like_torch():
     x = torch.randn(3, 40, 30)
     base = torch.zeros(40, 30)
     w = torch.ones(3)
@@ -96,10 +93,26 @@ def test_ties_kernel_errors_on_nan_like_torch(torch_only):
         bad = x.clone()
         bad[1, 7, 3] = math.nan
         with pytest.raises(ValueError, match=r"NaN in the task vectors of tensor 'blk\.w'"):
-            ties_mod.ties_per_tensor_blocked(base, bad, dens, w, lam=1.0, normalize=True, name="blk.w")
+            _ties_fused.per_tensor(base, bad, _ranks(bad, dens), w, lam=1.0, normalize=True, name="blk.w")
+        with pytest.raises(ValueError, match=r"NaN in the task vectors of tensor 'blk\.w'"):
+            ties_mod.trim_per_tensor(bad, dens, variant="mergekit", rescale=False, name="blk.w")
+
+
+@pytest.mark.parametrize(
+    "params", [{"density": 0.2}, {"density": [0.1, 1.0, 0.5], "weight": [1.0, -0.5, 2.0]}]
+)
+def test_ties_per_tensor_merge_equals_reference_bit_for_bit(torch_only, params):
+    """Through the method: the fused choice and the forced reference give the same merge."""
+    gen = torch.Generator().manual_seed(13)
+    base = {"a": torch.randn(70, 40, generator=gen), "b": torch.randn(500, generator=gen)}
+    models = [{n: v + torch.randint(-2, 3, v.shape, generator=gen).float() for n, v in base.items()}]
+    models += [{n: v + torch.randn(v.shape, generator=gen) for n, v in base.items()} for _ in range(2)]
+    fast = merge_state_dicts(base, models, "ties", params)
     torch_only()
-    with pytest.raises(ValueError, match=r"NaN in the task vectors of tensor 'blk\.w'"):
-        ties_mod.ties_per_tensor_blocked(base, bad, [0.2, 1.0, 0.2], w, lam=1.0, normalize=True, name="blk.w")
+    ref = merge_state_dicts(base, models, "ties", params)
+    assert isinstance(fast, dict) and isinstance(ref, dict)
+    for k in base:
+        assert _same(fast[k], ref[k]), k
 
 
 @pytest.mark.parametrize("cap", [1, 50, 10_000])
@@ -111,7 +124,7 @@ def test_window_gather_counts_and_gathers_exactly(cap):
     for lo, hi in ((0.5, 1.25), (None, 0.75), (1.0, None), (None, None), (2.0, 1.0)):
         lo_t = None if lo is None else torch.tensor(lo)
         hi_t = None if hi is None else torch.tensor(hi)
-        below, cand, pos, nan = _kernels.window_gather(row, lo_t, hi_t, cap=cap)  # small caps: retried
+        below, cand, pos, nan = kernels.window_gather(row, lo_t, hi_t, cap=cap)  # small caps: retried
         inside = torch.ones_like(mag, dtype=torch.bool)
         if lo is not None:
             inside &= mag >= lo
@@ -123,13 +136,13 @@ def test_window_gather_counts_and_gathers_exactly(cap):
         assert pos is not None  # the flat indices of the gathered entries, in the row's order
         assert torch.equal(pos, inside.nonzero()[:, 0]) and torch.equal(cand, mag[pos])
     row[17_000] = math.nan
-    assert _kernels.window_gather(row, torch.tensor(0.5), torch.tensor(1.0), cap=cap)[3]
+    assert kernels.window_gather(row, torch.tensor(0.5), torch.tensor(1.0), cap=cap)[3]
 
 
 def test_nth_equal_abs():
     row = torch.tensor([0.5, -1.0, 1.0, 2.0, -1.0, 1.0, 0.0])
-    assert [_kernels.nth_equal_abs(row, torch.tensor(1.0), k) for k in range(5)] == [1, 2, 4, 5, 7]
-    assert _kernels.nth_equal_abs(row, torch.tensor(0.0), 0) == 6
+    assert [kernels.nth_equal_abs(row, torch.tensor(1.0), k) for k in range(5)] == [1, 2, 4, 5, 7]
+    assert kernels.nth_equal_abs(row, torch.tensor(0.0), 0) == 6
 
 
 @pytest.mark.parametrize("rescale", ["l1", "inverse_keep", "none"])
@@ -266,3 +279,60 @@ def test_zero_sign_votes_kernel_equals_torch(torch_only):
     ref = votes()
     assert _same(fast, ref)
     assert bool((ref != 0).any()) and bool((ref == 0).any())
+
+
+@pytest.mark.parametrize(
+    ("params", "fused"),
+    [
+        ({"density": 0.3}, "per_tensor"),
+        ({"density": 0.3, "scope": "global"}, "global_scope"),
+        ({"density": 0.3, "variant": "paper"}, "global_scope"),
+        ({"density": 0.3, "rescale": True}, None),
+        ({"density": 0.3, "variant": "paper", "scope": "per_tensor"}, None),
+    ],
+)
+def test_ties_takes_the_fused_path_exactly_where_it_applies(monkeypatch, params, fused):
+    """The fused-versus-reference tests above are only worth something if merges really take the
+    fused path where it applies (and the reference elsewhere)."""
+    calls: list[str] = []
+    for fn in ("per_tensor", "global_scope"):
+        real = getattr(_ties_fused, fn)
+        monkeypatch.setattr(_ties_fused, fn, lambda *a, _f=fn, _r=real, **k: calls.append(_f) or _r(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(20, 30, generator=gen), "b": torch.randn(30, generator=gen)}
+    models = [{n: v + torch.randn(v.shape, generator=gen) for n, v in base.items()} for _ in range(3)]
+    merge_state_dicts(base, models, "ties", params)
+    assert calls == ([] if fused is None else [fused] * 2)
+    monkeypatch.setenv("WEIGHTMERGE_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_module", kernels._module.__wrapped__)  # uncached: reads the variable
+    calls.clear()
+    merge_state_dicts(base, models, "ties", params)
+    assert calls == []
+
+
+def test_warm_up_compiles_every_kernel_or_reports_them_off(monkeypatch):
+    if os.environ.get("WEIGHTMERGE_KERNELS") == "0":
+        pytest.skip("WEIGHTMERGE_KERNELS=0 disables the kernels on purpose")
+    assert kernels.warm_up()
+    monkeypatch.setattr(kernels, "_module", lambda: None)
+    assert not kernels.warm_up()
+
+
+@pytest.mark.slow  # compiles every kernel in a fresh process
+def test_numba_cache_dir_holds_the_compiled_kernels(tmp_path):
+    """NUMBA_CACHE_DIR (docs/engine.md): where an install that cannot write next to its sources
+    keeps the compiled kernels; a second process loads them instead of compiling."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "WEIGHTMERGE_KERNELS": "1"}
+    cmd = [sys.executable, "-c", "import weightmerge.kernels as k; assert k.warm_up()"]
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+    cached = sorted(p.name for p in tmp_path.rglob("*.nbi"))
+    assert {n.split("-")[0] for n in cached} == {
+        f"_numba.{k}"
+        for k in ("window_gather", "nth_equal_abs", "ties_merge", "window_counts", "trimmed_vote_sign")
+    }
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")}
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")} == before  # loaded, not rewritten

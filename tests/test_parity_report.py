@@ -28,6 +28,7 @@ def report():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.slow  # every method against its reference
 def test_quick_report_passes_and_covers_every_method(report, tmp_path, capsys):
     require("mergekit.merge_methods.api")
     path = tmp_path / "parity.json"

@@ -1,4 +1,5 @@
-"""ties: golden numbers (spec §4), hand-computed cases, a literal paper reference, properties."""
+"""ties: the worked example of docs/methods/ties.md, hand-computed cases, a literal paper
+reference, properties."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from weightmerge.methods.registry import get_method
 
 F64 = torch.float64
 
-# Spec §4 golden example (n = 3, D = 10).
+# docs/methods/ties.md#worked-example (n = 3, D = 10).
 T = torch.tensor(
     [
         [0.5, -0.2, 0.1, 0.0, 0.9, -0.4, 0.3, -0.05, 0.2, 0.6],
@@ -79,7 +80,7 @@ def test_golden_lambda_scales_and_base_added():
 
 
 def test_golden_mergekit_variant_matches_on_tie_free_tensor():
-    """Spec §4.1: mergekit keeps exactly k = floor(0.3*10) = 3 per row = paper's k+1 at K = 0.2."""
+    """docs/methods/ties.md: mergekit keeps exactly k = floor(0.3*10) = 3 per row = paper's k+1 at K = 0.2."""
     base, models = one_tensor(T)
     out = merge(base, models, {"density": 0.3}, F64)
     torch.testing.assert_close(out["t"], torch.tensor(DIS_MEAN, dtype=F64), rtol=0, atol=1e-12)
@@ -159,7 +160,8 @@ def test_zero_sign_majority_is_global_in_global_scope():
 
 
 def test_global_scope_can_zero_a_small_tensor():
-    """Spec §4.2 in miniature: one model, A = [1, 2, 3, 4], B = [0.01, 0.02], density 0.5."""
+    """Global vs per-tensor scope (docs/methods/ties.md) in miniature: one model, A = [1, 2, 3, 4],
+    B = [0.01, 0.02], density 0.5."""
     base = {"A": torch.zeros(4, dtype=F64), "B": torch.zeros(2, dtype=F64)}
     models = [
         {"A": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64), "B": torch.tensor([0.01, 0.02], dtype=F64)}
@@ -476,7 +478,7 @@ def test_merge_func_contradicting_normalize():
 
 def test_nan_task_vector_is_refused():
     base, models = one_tensor([[1.0, float("nan")], [3.0, 4.0]])
-    with pytest.raises(ValueError, match=r"NaN.*'t'"):
+    with pytest.raises(ValueError, match=r"'t'.*non-finite values \(NaN"):  # the driver's input check
         merge(base, models, {"density": 0.5})
     with pytest.raises(ValueError, match="NaN"):
         merge(base, models, {"density": 0.5, "variant": "paper"})
@@ -500,17 +502,18 @@ def test_global_scope_refuses_a_per_tensor_density():
 
 
 # ---------------------------------------------------------------------------------------------
-# The blocked per-tensor fast path (mergekit variant, no rescale) equals the plain one bit for bit
+# The fused per-tensor path (mergekit variant, no rescale) equals the reference bit for bit
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "bf16"])
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 1.5, -0.25]])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_blocked_per_tensor_equals_plain(monkeypatch, kind, weights, normalize):
+def test_fused_per_tensor_equals_reference(monkeypatch, kind, weights, normalize):
+    from weightmerge.methods import _ties_fused
     from weightmerge.methods import ties as ties_mod
 
-    monkeypatch.setattr(ties_mod, "SELECT_DIRECT", 500)  # rows above this are sampled
-    monkeypatch.setattr(ties_mod, "SAMPLE_SIZE", 64)
+    monkeypatch.setattr(_ties_fused, "SELECT_DIRECT", 500)  # rows above this are sampled
+    monkeypatch.setattr(_ties_fused, "SAMPLE_SIZE", 64)
     gen = torch.Generator().manual_seed(len(kind) + len(weights))
     shape = (60, 97)
     if kind == "ties":
@@ -522,24 +525,22 @@ def test_blocked_per_tensor_equals_plain(monkeypatch, kind, weights, normalize):
     base = torch.randn(shape, generator=gen)
     w = torch.tensor(weights)
     for dens in ([0.2, 0.2, 0.2], [0.05, 0.5, 1.0], [0.9, 0.0001, 0.3]):
-        for block in (64, 1000, 1 << 18):
-            plain = x.clone()
-            ties_mod.trim_per_tensor(plain, dens, variant="mergekit", rescale=False, name="t")
-            ref = ties_mod.ties_combine(base, plain, w, variant="mergekit", lam=1.3, normalize=normalize)
-            out = ties_mod.ties_per_tensor_blocked(
-                base, x.clone(), dens, w, lam=1.3, normalize=normalize, name="t", block=block
-            )
-            assert torch.equal(out, ref), (dens, block)
+        plain = x.clone()
+        ties_mod.trim_per_tensor(plain, dens, variant="mergekit", rescale=False, name="t")
+        ref = ties_mod.ties_combine(base, plain, w, variant="mergekit", lam=1.3, normalize=normalize)
+        ranks = [ties_mod.threshold_rank(numel=x[0].numel(), density=d, variant="mergekit") for d in dens]
+        out = _ties_fused.per_tensor(base, x.clone(), ranks, w, lam=1.3, normalize=normalize, name="t")
+        assert torch.equal(out, ref), dens
 
 
-def test_blocked_selection_is_exact_when_the_sample_misses(monkeypatch):
-    from weightmerge.methods import ties as ties_mod
+def test_fused_selection_is_exact_when_the_sample_misses(monkeypatch):
+    from weightmerge.methods import _ties_fused
 
-    monkeypatch.setattr(ties_mod, "SELECT_DIRECT", 10)
+    monkeypatch.setattr(_ties_fused, "SELECT_DIRECT", 10)
     mag = torch.sort(torch.rand(5000, generator=torch.Generator().manual_seed(0))).values  # sorted
     for rank in (1, 77, 2500, 4999, 5000):
-        thr, n_gt, n_eq = ties_mod.kth_largest_counts(mag, rank, name="t", block=128)
+        thr, n_gt, n_eq = _ties_fused.kth_largest_counts(mag, rank, name="t")
         assert thr == torch.kthvalue(mag, 5000 - rank + 1).values
         assert n_gt == int((mag > thr).sum()) and n_eq == int((mag == thr).sum())
     with pytest.raises(ValueError, match="NaN in the task vectors of tensor 't'"):
-        ties_mod.kth_largest_counts(torch.tensor([1.0, math.nan] * 20), 3, name="t", block=8)
+        _ties_fused.kth_largest_counts(torch.tensor([1.0, math.nan] * 20), 3, name="t")

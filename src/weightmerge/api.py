@@ -56,6 +56,7 @@ def merge_state_dicts(
     *,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
+    allow_nonfinite: bool = False,
 ) -> Any:
     """Merge ``models`` (fine-tuned from ``base``) with ``method``; see ``weightmerge methods``.
 
@@ -63,7 +64,9 @@ def merge_state_dicts(
     scalar); ``exclude`` (list of regexes) keeps matching tensors at the base value. Arithmetic runs
     in ``compute_dtype`` (float32 or float64); results are cast back to the base dtype. ``device``
     is where the arithmetic runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"``/``None``: a GPU
-    when present); inputs may live anywhere, results are CPU tensors.
+    when present); inputs may live anywhere, results are CPU tensors. A NaN or infinity in a tensor
+    to merge, or in a result, raises ``ValueError`` naming the tensor and model unless
+    ``allow_nonfinite``.
 
     Returns what the method's output format makes in memory: a dict name -> tensor for most
     methods, an ``weightmerge.emr.EMRResult`` for ``emr``.
@@ -86,7 +89,15 @@ def merge_state_dicts(
     writer = spec.output.in_memory(plan.output_job(bsrc, msrcs, labels=[s.path for s in msrcs]))
     try:
         outcome, _ = stream_merge(
-            plan, bsrc, msrcs, writer=writer, seed=seed, quiet=True, prefetch=False, device=dev
+            plan,
+            bsrc,
+            msrcs,
+            writer=writer,
+            seed=seed,
+            quiet=True,
+            prefetch=False,
+            device=dev,
+            allow_nonfinite=allow_nonfinite,
         )
         return writer.finish(outcome.extras)
     finally:

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from weightmerge.methods._params import _check_scalar, did_you_mean, resolve_params
 from weightmerge.methods.base import MethodSpec, Param
+from weightmerge.safe_yaml import YAMLTooLarge, excerpt, load_yaml
 
 Scalar = bool | int | float | str
 
@@ -77,11 +78,16 @@ UNSUPPORTED_TOP_LEVEL = {
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+MAX_MESSAGE = 2000
+
+
 class ConfigError(ValueError):
     """A config the user must fix. ``str()`` is one line: ``FILE: LOCATION: MESSAGE``."""
 
     def __init__(self, message: str, *, location: str = "", source: str | None = None) -> None:
         self.message = " ".join(message.split())  # always one line
+        if len(self.message) > MAX_MESSAGE:  # values quoted in messages are untrusted in size
+            self.message = self.message[: MAX_MESSAGE - 3] + "..."
         self.location = location
         self.source = source
         super().__init__(self._text())
@@ -325,7 +331,7 @@ def _pydantic_error(err: ValidationError) -> ConfigError:
     if e["type"] == "missing":
         msg = "missing (required)"
     elif "input" in e and e["type"] != "missing":
-        msg = f"{msg}, got {type(e['input']).__name__} {e['input']!r}"
+        msg = f"{msg}, got {type(e['input']).__name__} {excerpt(e['input'])}"
     return ConfigError(msg, location=loc)
 
 
@@ -931,7 +937,11 @@ def load_config(
         except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read config: {err}", source=source) from None
         try:
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text)
+        except YAMLTooLarge as err:
+            raise ConfigError(str(err), source=source) from None
+        except RecursionError:
+            raise ConfigError("invalid YAML: nested too deeply", source=source) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from weightmerge.version import __version__
 
 # One module per subcommand; each defines register(subparsers) and sets args.func(args) -> int.
-SUBCOMMANDS = ("methods", "merge", "plan", "inspect", "validate", "eval", "demo", "emr")
+SUBCOMMANDS = ("methods", "merge", "plan", "inspect", "validate", "eval", "demo", "emr", "search")
 
 
 class UserError(Exception):

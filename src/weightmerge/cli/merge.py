@@ -22,6 +22,7 @@ def _run(args: argparse.Namespace) -> int:
         prefetch=not args.no_prefetch,
         copy_tokenizer=not args.no_copy_tokenizer,
         device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
     )
     report = merge_config(cfg, args.out, opts)
     if not args.quiet:
@@ -57,5 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-prefetch", action="store_true", help="do not read the next tensor while computing")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="merge NaN/infinite values instead of refusing them (they usually mean a broken checkpoint)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,7 +46,7 @@ from weightmerge.emr.writer import (
     RESCALES,
     file_sha256,
 )
-from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
+from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
 from weightmerge.io.safetensors_format import dtype_code, numel, read_header
 from weightmerge.io.writer import ShardedSafetensorsWriter
@@ -92,6 +93,8 @@ class EMRArtifact:
             raise FileNotFoundError(f"{self.path} is not an EMR artifact (no {MANIFEST})")
         try:
             m = json.loads(mpath.read_text())
+        except RecursionError:
+            raise ArtifactError(f"{mpath}: JSON nested too deeply") from None
         except ValueError as err:
             raise ArtifactError(f"{mpath}: not valid JSON ({err})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -126,13 +129,49 @@ class EMRArtifact:
                 f"{len(self.mask_files)} mask files, {len(self.per_task)} per-task entries"
             )
         if self.rescale not in RESCALES:
-            raise ArtifactError(f"{mpath}: unknown rescale mode {self.rescale!r}")
+            raise ArtifactError(f"{mpath}: unknown rescale mode {_excerpt(self.rescale)}")
+        bad = [r for r in self.rescalers if not (math.isfinite(r) and r >= 0.0)]
+        if bad:
+            raise ArtifactError(f"{mpath}: rescaler {bad[0]!r} is not a finite non-negative number")
+        if not self.compute_dtype.is_floating_point:
+            raise ArtifactError(f"{mpath}: compute_dtype {m['compute_dtype']!r} is not a floating dtype")
+        self._check_names(mpath)
         self._check_files()
         self._handles: dict[str, Any] = {}
         self._verified: set[str] = set()
         self._switch: weakref.WeakKeyDictionary[Any, _SwitchState] = weakref.WeakKeyDictionary()
 
     # -- validation --------------------------------------------------------------------------
+
+    def _check_names(self, mpath: Path) -> None:
+        """Every file name in the manifest is hostile until shown otherwise: it must be a plain
+        relative name that resolves (symlinks followed) inside the artifact directory, and every
+        file the artifact uses must be listed in ``files`` with a byte count and a sha256."""
+        root = self.path.resolve()
+        if not isinstance(self.files, dict):
+            raise ArtifactError(f"{mpath}: 'files' is not a mapping")
+        for f, meta in self.files.items():
+            _check_inside(root, f, mpath)
+            if (
+                not isinstance(meta, dict)
+                or not isinstance(meta.get("sha256"), str)
+                or not _SHA256.fullmatch(meta["sha256"])
+                or not isinstance(meta.get("bytes"), int)
+                or isinstance(meta.get("bytes"), bool)
+            ):
+                raise ArtifactError(f"{mpath}: file {_excerpt(f)} has no valid bytes/sha256 record")
+        used: list[Any] = [t.file for t in self.tensors.values()] + list(self.mask_files)
+        for pt in self.per_task:
+            if not isinstance(pt, dict) or not isinstance(pt.get("tensors"), dict):
+                raise ArtifactError(f"{mpath}: malformed per-task entry {_excerpt(pt)}")
+            used += [pt.get(k) for k in ("file", "config") if pt.get(k) is not None]
+        used += list(self.manifest.get("unified_files") or [])
+        for f in used:
+            _check_inside(root, f, mpath)
+            if f not in self.files:
+                raise ArtifactError(
+                    f"{mpath}: file {_excerpt(f)} is used but not listed with a sha256 in 'files'"
+                )
 
     def _check_files(self) -> None:
         for f, meta in self.files.items():
@@ -195,7 +234,7 @@ class EMRArtifact:
 
     def task_files(self, i: int) -> list[str]:
         files = [*sorted({t.file for t in self.tensors.values()}), self.mask_files[i]]
-        return files + ([self.per_task[i]["file"]] if self.per_task[i]["file"] else [])
+        return files + [self.per_task[i][k] for k in ("file", "config") if self.per_task[i].get(k)]
 
     def task_index(self, task: str | int) -> int:
         if isinstance(task, int) and not isinstance(task, bool):
@@ -527,6 +566,28 @@ class EMRArtifact:
         return f"EMRArtifact({str(self.path)!r}, tasks={self.tasks})"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (manifests are untrusted: never echo them whole)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
+def _check_inside(root: Path, name: object, mpath: Path) -> None:
+    """Refuse a manifest file name that is not a plain relative path resolving inside ``root``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{mpath}: file name {_excerpt(name)} is not a non-empty string")
+    pure = Path(name)
+    if pure.is_absolute() or ".." in pure.parts or name.startswith("~"):
+        raise ArtifactError(f"{mpath}: file name {_excerpt(name)} points outside the artifact directory")
+    if not (root / name).resolve().is_relative_to(root):
+        raise ArtifactError(
+            f"{mpath}: file {_excerpt(name)} is a link that leads outside the artifact directory"
+        )
+
+
 @dataclass
 class _SwitchState:
     base_values: dict[str, torch.Tensor] | None = None
@@ -611,6 +672,7 @@ def materialize(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another output")
+    check_output_clear(out, [a.path, *([base] if isinstance(base, (str, os.PathLike)) else [])])
     src = open_base(base)
     a.check_base(src)
     a.verify_files(a.task_files(i))
@@ -651,7 +713,8 @@ def _write_output_tensor(
 def _copy_side_files(a: EMRArtifact, i: int, src: TensorSource, out: Path) -> None:
     base_dir = _base_dir(src)
     cfg = a.per_task[i]["config"]
-    if cfg:
+    if cfg:  # a name checked inside the artifact and its sha256 verified (task_files) before use
+        a.verify_files([cfg])
         shutil.copyfile(a.path / cfg, out / "config.json")
     elif base_dir is not None and (base_dir / "config.json").is_file():
         shutil.copyfile(base_dir / "config.json", out / "config.json")

@@ -7,6 +7,7 @@ memory-mapped checkpoint slices; that is what makes streaming equal in-memory bi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,85 @@ class MergeInputs:
     progress: Callable[[str, str], None] | None = None  # (phase, tensor name)
     prefetch: bool = False  # read the next chunk on a helper thread while computing the current
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the math runs
+    labels: Sequence[str] | None = None  # model names for error messages (default "model i")
+    allow_nonfinite: bool = False  # merge NaN/Inf inputs (and outputs) instead of refusing them
+    _finite_checked: set[tuple[str, Rows]] = field(default_factory=set)
+
+
+class NonFiniteError(ValueError):
+    """A NaN or an infinity in a tensor to merge (or in a merged result)."""
+
+
+def _nonfinite_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """Per-leading-index count of non-finite values of ``t`` (one count per model), or None when all
+    are finite. The float64 sum of a finite tensor is finite (it cannot overflow for any tensor a
+    model holds), and any NaN or infinity makes it non-finite, so the exact count is only taken then."""
+    flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    if bool(torch.isfinite(flat.sum(dim=1, dtype=torch.float64)).all()):
+        return None
+    counts = (~torch.isfinite(flat)).sum(dim=1)
+    return counts if bool(counts.any()) else None
+
+
+def _refuse_nonfinite(
+    inp: MergeInputs, name: str, rows: Rows, counts: torch.Tensor, what: Sequence[str]
+) -> None:
+    i = int(torch.nonzero(counts)[0, 0])
+    where = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
+    others = int((counts > 0).sum()) - 1
+    raise NonFiniteError(
+        f"tensor {name!r}{where}: {int(counts[i])} non-finite values (NaN or infinity) in {what[i]}"
+        + (f" and {others} more input(s)" if others > 0 else "")
+        + "; refusing to merge them (pass --allow-nonfinite / allow_nonfinite=True to proceed)"
+    )
+
+
+def _check_finite_inputs(
+    inp: MergeInputs, name: str, rows: Rows, base: torch.Tensor | None, x: torch.Tensor
+) -> None:
+    if inp.allow_nonfinite or not x.is_floating_point() or (name, rows) in inp._finite_checked:
+        return
+    labels = list(inp.labels) if inp.labels is not None else [f"model {i}" for i in range(len(inp.models))]
+    if base is not None and base.is_floating_point():
+        bad = _nonfinite_rows(base.unsqueeze(0))
+        if bad is not None:
+            _refuse_nonfinite(inp, name, rows, bad, ["the base model"])
+    bad = _nonfinite_rows(x)
+    if bad is not None:
+        _refuse_nonfinite(inp, name, rows, bad, labels)
+    inp._finite_checked.add((name, rows))
+
+
+def _check_finite_output(inp: MergeInputs, method: MethodSpec, name: str, rows: Rows, out: object) -> None:
+    if inp.allow_nonfinite:
+        return
+    for t in _output_tensors(out):
+        _check_finite_result(method, name, rows, t)
+
+
+def _output_tensors(out: object) -> list[torch.Tensor]:
+    """The floating tensors of what ``apply`` returned: the tensor itself, or the floating tensor
+    fields of a method's own result object (a method with its own output format)."""
+    if isinstance(out, torch.Tensor):
+        found = [out]
+    elif dataclasses.is_dataclass(out):
+        found = [
+            v for v in (getattr(out, f.name) for f in dataclasses.fields(out)) if isinstance(v, torch.Tensor)
+        ]
+    else:
+        found = []
+    return [t for t in found if t.is_floating_point()]
+
+
+def _check_finite_result(method: MethodSpec, name: str, rows: Rows, t: torch.Tensor) -> None:
+    bad = _nonfinite_rows(t.unsqueeze(0))
+    if bad is not None:
+        where = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
+        raise NonFiniteError(
+            f"tensor {name!r}{where}: method {method.name!r} produced {int(bad[0])} non-finite values "
+            "(NaN or infinity) from finite inputs; refusing to write them (pass --allow-nonfinite / "
+            "allow_nonfinite=True to proceed)"
+        )
 
 
 @dataclass
@@ -73,6 +153,7 @@ def _load(
     del first
     for i in range(1, len(inp.models)):
         x[i].copy_(inp.models[i](name, rows))
+    _check_finite_inputs(inp, name, rows, base, x)
     if method.inputs == "deltas":
         if base is None:
             raise ValueError(f"method {method.name!r} needs a base model (tensor {name!r})")
@@ -446,6 +527,7 @@ def run_merge(
         if inp.progress:
             inp.progress("apply", name)
         out = method.apply(_ctx(inp, name, rows, base, x, stats))
+        _check_finite_output(inp, method, name, rows, out)
         emit(name, rows, out)
         del base, x, out  # free this job's buffers before the generator loads the next one
     return MergeOutcome(stats=stats, extras=method.finalize(stats, inp.model_params))

@@ -38,6 +38,7 @@ class MergeOptions:
     prefetch: bool = True
     copy_tokenizer: bool = True
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
+    allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
 
 
 @dataclass
@@ -111,6 +112,18 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
     return OpenedInputs(cfg, base, models, plan)
 
 
+def input_paths(cfg: MergeConfig) -> list[str]:
+    """Every path the merge reads: models, adapters, statistics folders, the tokenizer folder."""
+    refs = ([cfg.base_model] if cfg.base_model is not None else []) + [e.model for e in cfg.models]
+    paths = [p for r in refs for p in r.paths()]
+    model_params = cfg.resolved_model_params()
+    for key in cfg.spec.aux_inputs:
+        paths += [os.fspath(p) for p in model_params.get(key) or [] if isinstance(p, (str, os.PathLike))]
+    if cfg.tokenizer_path is not None:
+        paths.append(cfg.tokenizer_path)
+    return paths
+
+
 def _tokenizer_dir(cfg: MergeConfig) -> str | None:
     path = cfg.tokenizer_path
     if path is None and cfg.base_model is not None:
@@ -124,12 +137,13 @@ def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
     from weightmerge.device import resolve_device
-    from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files
+    from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
 
     opts = options or MergeOptions()
     device = resolve_device(opts.device)  # a bad choice fails before anything is read
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    check_output_clear(out, input_paths(cfg))  # before anything is read: never touch an input
     t0 = time.perf_counter()
     inputs = open_and_plan(cfg, max_memory=opts.max_memory)
     plan = inputs.plan
@@ -150,6 +164,7 @@ def merge_config(
                     quiet=opts.quiet,
                     prefetch=opts.prefetch,
                     device=device,
+                    allow_nonfinite=opts.allow_nonfinite,
                 )
                 extras.update(outcome.extras)
                 extras.update(writer.finish(outcome.extras))

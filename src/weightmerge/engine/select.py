@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from weightmerge.methods import _kernels
-from weightmerge.methods._sample import sample_positions, window_ranks
+from weightmerge import kernels
+from weightmerge.kernels.sampling import sample_positions, window_ranks
 
 BUCKETS = 1 << 16
 
@@ -227,10 +227,10 @@ class SampleSelect:
         self._check_shape(values)
         if self.check_gather and not no_nan(values):
             raise ValueError(f"NaN in {self.what} of tensor {name!r}: cannot rank")
-        if values.dtype == self.lo.dtype and _kernels.usable(values):  # one fused pass, same result
+        if values.dtype == self.lo.dtype and kernels.usable(values):  # one fused pass, same result
             if self.cand is None:
                 self.cand = torch.empty((self.n, self.cap + 1), dtype=values.dtype)
-            _kernels.window_counts(
+            kernels.window_counts(
                 values,
                 self.lo,
                 self.hi,

@@ -91,6 +91,7 @@ def stream_merge(
     quiet: bool = False,
     prefetch: bool = True,
     device: torch.device | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Run ``plan``: the statistics passes, then the apply pass into ``writer.write`` (each merged
     tensor or row chunk, in the compute dtype, on ``device``, default the CPU). Copied tensors are
@@ -148,6 +149,8 @@ def stream_merge(
         progress=on_progress,
         prefetch=prefetch,
         device=device if device is not None else torch.device("cpu"),
+        labels=[f"model {i} ({m.path})" for i, m in enumerate(models)],
+        allow_nonfinite=allow_nonfinite,
     )
     t1 = time.perf_counter()
     try:

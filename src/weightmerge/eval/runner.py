@@ -32,7 +32,6 @@ point and scored on their own tasks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -654,8 +653,3 @@ def run_eval(
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["cache_dir"] = str(cache)
     return {"manifest": man, "per_seed": per_seed, "summary": aggregate(cfg, per_seed)}
-
-
-def write_json(report: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")

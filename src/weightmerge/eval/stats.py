@@ -1,6 +1,6 @@
 """Statistics of an expert on its own task's training data, for the Fisher and RegMean merges.
 
-Diagonal Fisher (methods spec §10, MergeLM's estimator): for each batch of the first ``examples``
+Diagonal Fisher (docs/methods/fisher.md, MergeLM's estimator): for each batch of the first ``examples``
 training examples, back-propagate
 
     sum_{x in batch} sum_c sqrt(p_c(x)) * log p_c(x)      (p = softmax of the logits, detached in sqrt)
@@ -10,7 +10,7 @@ examples. It is the square of a batch sum (a batch-level approximation of the pe
 as in the reference), so it depends on ``batch_size``, which is part of the cache key. The model
 is in eval mode (no dropout). Result: ``{parameter name: tensor of the parameter's shape}``.
 
-RegMean Gram matrices (spec §11): for every ``nn.Linear`` module of the body, G = X^T X / rows,
+RegMean Gram matrices (docs/methods/regmean.md): for every ``nn.Linear`` module of the body, G = X^T X / rows,
 where X stacks the module's inputs over the first ``examples`` training examples, batch x sequence
 flattened to rows, **padding positions excluded** (they depend on how examples are batched, not on
 the task); inputs that are not (batch, sequence, features) -- e.g. a pooler over the first token --

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 TMP_TAG = "wm-tmp"
@@ -144,6 +144,36 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[P
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _resolved_inputs(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` resolved (symlinks followed), plus, for a directory, each of its entries resolved:
+    a model folder whose weight file is a link into OUT overlaps OUT as much as the folder itself."""
+    p = Path(path)
+    out = [p.resolve()]
+    if p.is_dir():
+        with contextlib.suppress(OSError):
+            out += [e.resolve() for e in p.iterdir() if e.is_symlink()]
+    return out
+
+
+def check_output_clear(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse an output path that equals, lies inside or contains any input (paths resolved,
+    symlinks followed), before anything is read or written: replacing OUT (``--force``) or
+    writing next to it must never touch an input. Raises ``ValueError`` naming both paths."""
+    target = Path(out).resolve()
+    for inp in inputs:
+        for r in _resolved_inputs(inp):
+            if r == target:
+                what = "is"
+            elif r.is_relative_to(target):
+                what = "would replace the folder holding"
+            elif target.is_relative_to(r):
+                what = "lies inside"
+            else:
+                continue
+            shown = f"input {inp}" + ("" if Path(inp).resolve() == r else f" (via {r})")
+            raise ValueError(f"output {out} {what} {shown}; choose an output outside every input")
 
 
 def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:

@@ -341,6 +341,11 @@ class PeftSource:
             )
         if rank <= 0:
             raise ValueError(f"LoRA adapter {self.path}: module {module!r} has rank {rank}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            shown = repr(alpha) if len(repr(alpha)) <= 40 else repr(alpha)[:40] + "..."
+            raise ValueError(
+                f"LoRA adapter {self.path}: module {module!r} has lora_alpha {shown}, not a finite number"
+            )
         scaling = float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         layout: Layout = (
             "in_out"

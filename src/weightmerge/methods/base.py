@@ -168,6 +168,17 @@ class MethodSpec:
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
     # What the results become (weightmerge.io.output): a checkpoint, or the method's own format.
     output: OutputFormat = CHECKPOINT
+    # True: the result does not depend on the order of the models (their per-model parameters and
+    # statistics permuted with them) beyond float rounding. A callable decides from the model-level
+    # params (random draws are seeded by the model's index: DARE is order-dependent only when it
+    # drops something). tests/test_method_contract.py checks the claim both ways.
+    order_invariant: bool | Callable[[Mapping[str, Any]], bool] = False
+    # Parameter sets (YAML names, scalars or per-model lists) that tests/test_method_contract.py
+    # merges besides the defaults: one for each variant or code path worth holding to the contract.
+    examples: tuple[Mapping[str, Any], ...] = ()
+
+    def is_order_invariant(self, model_params: Mapping[str, Any]) -> bool:
+        return self.order_invariant(model_params) if callable(self.order_invariant) else self.order_invariant
 
     def is_row_chunkable(self, model_params: Mapping[str, Any]) -> bool:
         return self.row_chunkable(model_params) if callable(self.row_chunkable) else bool(self.row_chunkable)

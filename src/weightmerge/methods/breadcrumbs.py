@@ -105,6 +105,8 @@ SPEC = MethodSpec(
     params=_params("divide by the sum of weights"),
     apply=_make_apply(linear_sum),
     row_chunkable=False,
+    order_invariant=True,
+    examples=({"density": 0.5, "gamma": 0.1},),
 )
 
 TIES_SPEC = MethodSpec(
@@ -114,4 +116,6 @@ TIES_SPEC = MethodSpec(
     params=_params("divide by the sum of agreeing weights"),
     apply=_make_apply(consensus_sum),
     row_chunkable=False,
+    order_invariant=True,
+    examples=({"density": 0.5, "gamma": 0.1, "normalize": True},),
 )

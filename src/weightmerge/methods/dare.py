@@ -22,12 +22,13 @@ so results do not depend on tensor order or row-chunking; ``l1`` rescale needs w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
-from weightmerge.methods import _kernels
+from weightmerge import kernels
 from weightmerge.methods._random import uniform
 from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
@@ -113,7 +114,7 @@ def _consensus_kernel(
     """``base + lam * consensus_sum(deltas)`` by the fused TIES kernel with no trim: the same
     operations in the same order as the torch path, in one pass."""
     n = deltas.shape[0]
-    merged, _ = _kernels.ties_merge(
+    merged, _ = kernels.ties_merge(
         deltas.reshape(n, -1),
         base.reshape(-1),
         weights,
@@ -151,7 +152,7 @@ def _apply_ties(ctx: TensorCtx) -> Tensor:
     x = dare_deltas(ctx, p["density"], rescale=p["rescale"])
     w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
     assert ctx.base is not None
-    if _kernels.usable(ctx.base, x):  # one fused pass, same bits as the torch path
+    if kernels.usable(ctx.base, x):  # one fused pass, same bits as the torch path
         lam = float(p["lambda"])
         return _consensus_kernel(ctx.base, x, w, normalize=bool(p["normalize"]), lam=lam)
     return _finish(ctx, consensus_sum(x, w, normalize=bool(p["normalize"])))
@@ -183,6 +184,12 @@ def _params(normalize_help: str) -> tuple[Param, ...]:
     )
 
 
+def _draws_nothing(p: Mapping[str, Any]) -> bool:
+    """The model order matters only through the random draws (seeded by the model's index): none
+    are made when density 1 drops nothing."""
+    return all(d >= 1 for d in p["density"])
+
+
 LINEAR_SPEC = MethodSpec(
     name="dare_linear",
     summary="DARE: drop task-vector entries at random, rescale, add the weighted sum to the base.",
@@ -190,6 +197,8 @@ LINEAR_SPEC = MethodSpec(
     params=_params("divide by the sum of weights"),
     apply=_apply_linear,
     row_chunkable=lambda p: p["rescale"] != "l1",
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.6}, {"density": 0.5, "rescale": "inverse_keep", "normalize": True}),
 )
 
 TIES_SPEC = MethodSpec(
@@ -199,4 +208,6 @@ TIES_SPEC = MethodSpec(
     params=_params("divide by the sum of agreeing weights"),
     apply=_apply_ties,
     row_chunkable=lambda p: p["rescale"] != "l1",
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.5}, {"density": 0.5, "rescale": "inverse_keep"}),
 )

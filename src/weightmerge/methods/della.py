@@ -148,6 +148,12 @@ def _params(normalize: bool, normalize_help: str) -> tuple[Param, ...]:
     )
 
 
+def _draws_nothing(p: Mapping[str, Any]) -> bool:
+    """The model order matters only through the random draws (seeded by the model's index): none
+    are made when density 1 drops nothing."""
+    return all(d >= 1 for d in p["density"])
+
+
 SPEC = MethodSpec(
     name="della",
     summary="DELLA: magnitude-ranked random drop, rescale, TIES sign consensus.",
@@ -156,6 +162,8 @@ SPEC = MethodSpec(
     apply=_make_apply(consensus_sum),
     row_chunkable=_row_chunkable,
     check=_check,
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.6, "epsilon": 0.1}, {"density": 0.6, "rescale_mode": "inverse_keep"}),
 )
 
 LINEAR_SPEC = MethodSpec(
@@ -166,4 +174,6 @@ LINEAR_SPEC = MethodSpec(
     apply=_make_apply(linear_sum),
     row_chunkable=_row_chunkable,
     check=_check,
+    order_invariant=_draws_nothing,
+    examples=({"density": 0.6, "epsilon": 0.1},),
 )

@@ -17,7 +17,7 @@ Per task, over all merged tensors (``rescale``):
 Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.emr.EMRResult``).
 
 Paper: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024),
-arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (methods spec §9). The paper elects
+arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (docs/methods/emr.md). The paper elects
 with the mean, we test the sum (same sign, no underflow of sum/n). No hyper-parameters.
 
 Scope: election and masks are per element (chunkable); the rescalers are two associative sums per
@@ -54,7 +54,7 @@ def elect(tau: Tensor, *, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor
     """(gamma, epsilon, masks) of task vectors ``tau`` (n, *shape): gamma and epsilon (*shape),
     masks (n, *shape) bool. ``inplace`` lets it overwrite ``tau``."""
     # +1.0 / -1.0 by arithmetic on the bool: the same values as torch.where(sum > 0, 1.0, -1.0),
-    # about 6x faster (where with scalar operands takes a slow path)
+    # chosen for speed (docs/benchmarks.md, "Element-wise choices")
     gamma = (tau.sum(dim=0) > 0).to(tau.dtype).mul_(2.0).sub_(1.0)
     signed = tau.mul_(gamma) if inplace else tau * gamma  # exact: a sign flip
     masks = signed > 0
@@ -85,8 +85,9 @@ def _num_partials(ctx: TensorCtx) -> Tensor:
 
 def _den_partials(ctx: TensorCtx) -> Tensor:
     _, epsilon, masks = elect(_deltas(ctx))
-    # |M_t * unified| = where(masks, epsilon, +0.0), as a product (about 3x faster): epsilon > 0
-    # wherever a mask is set, and |epsilon| turns its -0.0 entries (no task agrees) into +0.0
+    # |M_t * unified| = where(masks, epsilon, +0.0), as a product (for speed: docs/benchmarks.md,
+    # "Element-wise choices"): epsilon > 0 wherever a mask is set, and |epsilon| turns its -0.0
+    # entries (no task agrees) into +0.0
     kept = masks.to(epsilon.dtype).mul_(epsilon.abs_())
     return row_partials(kept, len(ctx.full_shape))
 
@@ -131,4 +132,6 @@ SPEC = MethodSpec(
     passes=_passes,
     finalize=_finalize,
     output=EMR_ARTIFACT,
+    order_invariant=True,
+    examples=({"rescale": "global"},),
 )

@@ -170,4 +170,6 @@ SPEC = MethodSpec(
     passes=_passes,
     row_chunkable=True,
     check=_check,
+    order_invariant=True,
+    examples=({"normalize_fisher_weight": False},),
 )

@@ -80,4 +80,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     row_chunkable=False,
+    order_invariant=True,
+    examples=({"max_iter": 3},),
 )

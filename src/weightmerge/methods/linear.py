@@ -42,4 +42,6 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
+    order_invariant=True,
+    examples=({"normalize": False},),
 )

@@ -81,4 +81,6 @@ SPEC = MethodSpec(
     inputs="weights",
     min_models=2,
     row_chunkable=_row_chunkable,
+    order_invariant=True,
+    examples=({"filter_wise": True},),
 )

@@ -78,4 +78,6 @@ SPEC = MethodSpec(
     inputs="weights",
     needs_base=False,
     row_chunkable=False,
+    order_invariant=True,
+    examples=({"normalize_weights": False},),
 )

@@ -96,4 +96,10 @@ SPEC = MethodSpec(
     min_models=2,
     max_models=2,
     row_chunkable=_row_chunkable,
+    order_invariant=True,
+    examples=(
+        {"weight": [1.0, 3.0]},
+        {"nuslerp_flatten": False},
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    ),
 )

@@ -34,4 +34,5 @@ SPEC = MethodSpec(
     needs_base=False,
     min_models=1,
     max_models=1,
+    examples=({"scale": 0.5},),
 )

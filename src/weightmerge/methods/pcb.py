@@ -14,11 +14,12 @@ Per model row i of the task vectors T (n x D), with c = ``clamp_ratio``, r = ``k
     tau    = sum_i W_i * (lambda_i * Tc_i) / max(sum_i W_i, 1e-12);   theta = theta_0 + tau
 
 Paper: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024),
-arXiv:2410.02396; semantics of duguodong7/pcb-merging (methods spec §8.2). The code differs from
-the paper (exp/tanh instead of softmax, outlier clamping, "beta - threshold" weights; spec §8.3);
-we follow the code. Variant A is ``pcb-merging.py``/NLP ``task_para_att_merge``; B and C are the
-vision scripts. ``lambda`` (scalar or one per model) is applied inside the weighted mean as in the
-vision/ES scripts; a scalar lambda equals the NLP scripts' theta_0 + lambda * tau.
+arXiv:2410.02396; semantics of duguodong7/pcb-merging (docs/methods/pcb.md). The code differs from
+the paper (exp/tanh instead of softmax, outlier clamping, "beta - threshold" weights; the list is in
+docs/methods/pcb.md); we follow the code. Variant A is ``pcb-merging.py``/NLP
+``task_para_att_merge``; B and C are the vision scripts. ``lambda`` (scalar or one per model) is
+applied inside the weighted mean as in the vision/ES scripts; a scalar lambda equals the NLP
+scripts' theta_0 + lambda * tau.
 
 Scope: ``global`` (default, as the authors ran it) takes every statistic per model over all merged
 tensors concatenated in sorted name order: pass 1 finds lo_i, hi_i (exact order statistics of
@@ -299,6 +300,12 @@ def _passes(p: Mapping[str, Any]) -> Sequence[Sequence[StatRequest]]:
     )
 
 
+def _draws_nothing(p: Mapping[str, Any]) -> bool:
+    """The model order matters only through the random draws (seeded by the model's index): none
+    are made when no DARE pre-processing."""
+    return all(d == 0 for d in p["dare_drop_rate"])
+
+
 SPEC = MethodSpec(
     name="pcb",
     summary="PCB-Merging: clip outliers, score intra/inter-task competition, weighted mean of the top ratio.",
@@ -362,4 +369,10 @@ SPEC = MethodSpec(
     apply=_apply,
     passes=_passes,
     row_chunkable=lambda p: p["scope"] == "global",
+    order_invariant=_draws_nothing,
+    examples=(
+        {"keep_ratio": 0.2},
+        {"keep_ratio": 0.2, "scope": "per_tensor", "inter": "C"},
+        {"keep_ratio": 0.3, "dare_drop_rate": 0.3},
+    ),
 )

@@ -161,4 +161,6 @@ SPEC = MethodSpec(
     needs_base=False,
     row_chunkable=False,
     check=_check,
+    order_invariant=True,
+    examples=({"reduce_non_diagonal_ratio": 0.8},),
 )

@@ -80,4 +80,6 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     row_chunkable=False,
+    order_invariant=True,
+    examples=({"select_topk": 0.5},),
 )

@@ -64,4 +64,5 @@ SPEC = MethodSpec(
     min_models=1,
     max_models=1,
     row_chunkable=False,
+    examples=({"t": 0.3},),
 )

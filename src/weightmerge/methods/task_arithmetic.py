@@ -44,4 +44,6 @@ SPEC = MethodSpec(
         Param("normalize", "bool", False, "divide by the sum of weights"),
     ),
     apply=_apply,
+    order_invariant=True,
+    examples=({"lambda": 0.7},),
 )

@@ -26,20 +26,25 @@ or per model over all merged tensors (N = D, the model's size). Global scope run
 passes (an exact order statistic of |tau_i| per model in the compute dtype, then reductions) and
 is then element-wise. ``normalize: false`` (or ``merge_func: sum``)
 gives the disjoint sum used by the ViT community setting.
+
+Two implementations, chosen in one place (``_fused``): the reference below (torch ops, any
+device) and the fused CPU path of ``_ties_fused`` (numba kernels; float32/float64 CPU tensors, no
+rescale, per-tensor scope only for the mergekit variant). They give the same bits
+(``tests/test_kernels.py``); ``WEIGHTMERGE_KERNELS=0`` forces the reference.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
-from weightmerge.methods import _kernels
-from weightmerge.methods._sample import sample_positions, window_ranks
+from weightmerge import kernels
+from weightmerge.methods import _ties_fused
 from weightmerge.methods._sign import agreement, elect_sign, majority_sign, merge_agreeing, model_view
+from weightmerge.methods._ties_fused import nan_error
 from weightmerge.methods.base import (
     MethodSpec,
     OrderStat,
@@ -145,7 +150,7 @@ def ties_combine(
 def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, rescale: bool, name: str) -> None:
     """Trim each model row of ``x`` (n, *shape) in place by its own magnitude ranking."""
     if bool(torch.isnan(x).any()):
-        raise _nan_error(name)
+        raise nan_error(name)
     for i, d in enumerate(densities):
         row = x[i]
         rank = threshold_rank(numel=row.numel(), density=d, variant=variant)
@@ -156,237 +161,6 @@ def trim_per_tensor(x: Tensor, densities: Sequence[float], *, variant: str, resc
         row.masked_fill_(~keep.reshape(row.shape), 0.0)
         if rescale:
             row.mul_(l1_factor(before, row.abs().sum()))
-
-
-# Per-tensor scope, blocked (CPU fast path: mergekit variant, no rescale; same bits as above)
-
-SAMPLE_SIZE = 1 << 16  # stratified sample that brackets the threshold
-BLOCK = 1 << 18  # elements per row and block: n blocks of |tau| stay in the L2/L3 caches
-KERNEL_BLOCK = 1 << 14  # columns per parallel work item of the fused kernel
-SELECT_DIRECT = 1 << 17  # rows up to this size: one kthvalue is cheaper than sampling
-
-
-def _nan_error(name: str) -> ValueError:
-    return ValueError(f"ties: NaN in the task vectors of tensor {name!r}")
-
-
-def _kth_counts(mag: Tensor, k: int) -> tuple[Tensor, int, int]:
-    """(k-th smallest of ``mag``, entries above it, entries equal to it), by one ``kthvalue``."""
-    thr = torch.kthvalue(mag, k).values
-    return thr, int((mag > thr).sum()), int((mag == thr).sum())
-
-
-def kth_largest_counts(row: Tensor, rank: int, *, name: str, block: int = BLOCK) -> tuple[Tensor, int, int]:
-    """``(thr, n_gt, n_eq)`` for the magnitudes of a flat vector ``row``: their ``rank``-th largest
-    value and how many are above / equal to it. Exact (the value ``torch.kthvalue`` gives)."""
-    return kth_largest_cut(row, rank, name=name, block=block)[:3]
-
-
-def kth_largest_cut(
-    row: Tensor, rank: int, *, name: str, block: int = BLOCK
-) -> tuple[Tensor, int, int, Tensor | None]:
-    """``kth_largest_counts`` plus the flat indices, ascending, of the entries whose magnitude
-    equals the threshold, when the fused gathering pass found them (else None): where exact-k
-    TIES cuts its ties, without another scan of the row.
-
-    A stratified sample brackets the threshold in a window of ranks (``window_ranks``); one
-    blocked pass takes |row| a block at a time, counts the entries below the window and gathers
-    those inside it, and a ``kthvalue`` over the gathered few finds the value. If the sample
-    misjudged (the threshold is outside the window), a full ``kthvalue`` decides. Raises on NaN."""
-    n = row.numel()
-    k = n - rank + 1  # 1-based ascending
-    if n <= SELECT_DIRECT:
-        mag = row.abs()
-        if bool(torch.isnan(mag).any()):
-            raise _nan_error(name)
-        return (*_kth_counts(mag, k), None)
-    step = max(1, n // SAMPLE_SIZE)
-    sample = row[_positions(n, step, row.device)].abs()
-    s = sample.numel()
-    lo_i, hi_i = window_ranks(k - 1, n, s)  # 0-based positions in the sorted sample
-    # two selections, not a sort (NaN: the gathering pass below raises on it either way)
-    lo = torch.kthvalue(sample, lo_i + 1).values if lo_i > 0 else None
-    hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < s - 1 else None
-    if _kernels.usable(row):  # one fused pass: count below, gather inside, NaN check
-        expect = (min(hi_i, s - 1) - max(lo_i, 0) + 1) * n // s
-        below_k, cand_k, pos_k, nan = _kernels.window_gather(row, lo, hi, cap=2 * expect + 4096)
-        if nan or cand_k is None or pos_k is None:
-            raise _nan_error(name)
-        thr, n_gt, n_eq = _finish_window(row, k, below_k, cand_k)
-        hit = below_k < k <= below_k + cand_k.numel()  # else _finish_window selected the slow way
-        return thr, n_gt, n_eq, (pos_k[cand_k == thr] if hit else None)
-    below = 0
-    parts: list[Tensor] = []
-    for c0 in range(0, n, block):
-        blk = row[c0 : c0 + block].abs()
-        if bool(torch.isnan(blk.sum())):  # a sum of magnitudes is NaN only if an entry is
-            raise _nan_error(name)
-        inside: Tensor | None = None
-        if lo is not None:
-            lt = blk < lo
-            below += int(lt.sum())
-            inside = lt.logical_not_()
-        if hi is not None:
-            le = blk <= hi
-            inside = le if inside is None else inside.logical_and_(le)
-        parts.append(blk if inside is None else blk[inside])
-    return (*_finish_window(row, k, below, torch.cat(parts)), None)
-
-
-@functools.lru_cache(maxsize=32)
-def _positions(n: int, step: int, device: torch.device) -> Tensor:
-    """``sample_positions(0, n, step)``, cached: every row of a tensor, and tensors of equal size,
-    sample the same positions. Read-only."""
-    return sample_positions(0, n, step).to(device)
-
-
-def _finish_window(row: Tensor, k: int, below: int, cand: Tensor) -> tuple[Tensor, int, int]:
-    """The k-th smallest magnitude from the ``below`` count and the gathered window ``cand``."""
-    n = row.numel()
-    if below < k <= below + cand.numel():
-        thr = torch.kthvalue(cand, k - below).values
-        n_eq = int((cand == thr).sum())
-        return thr, n - below - int((cand <= thr).sum()), n_eq
-    return _kth_counts(row.abs(), k)  # the sample missed: exact, the slow way
-
-
-class _RowCut:
-    """How one model row is trimmed while the blocks stream by: keep |tau| > thr, plus the first
-    ``ties_left`` entries equal to thr (all of them when ``ties_left`` is None)."""
-
-    __slots__ = ("eq_pos", "thr", "ties_left")
-
-    def __init__(self, thr: Tensor, ties_left: int | None, eq_pos: Tensor | None = None) -> None:
-        self.thr = thr
-        self.ties_left = ties_left
-        self.eq_pos = eq_pos  # flat indices of the entries equal to thr, ascending (when known)
-
-    def drop(self, mag: Tensor) -> Tensor:
-        """Bool mask of the entries of this block of the row to zero (advances the tie count)."""
-        if self.ties_left is None:
-            return mag < self.thr
-        if self.ties_left == 0:
-            return mag <= self.thr
-        eq = mag == self.thr
-        n_eq = int(eq.sum())
-        if n_eq <= self.ties_left:
-            self.ties_left -= n_eq
-            return mag < self.thr
-        cut = int(eq.nonzero()[self.ties_left, 0])  # first tie that is not kept
-        drop = mag < self.thr
-        drop[cut:] |= eq[cut:]
-        self.ties_left = 0
-        return drop
-
-
-def ties_per_tensor_blocked(
-    base: Tensor,
-    x: Tensor,
-    densities: Sequence[float],
-    weights: Tensor,
-    *,
-    lam: float,
-    normalize: bool,
-    name: str,
-    block: int = BLOCK,
-) -> Tensor:
-    """mergekit-variant per-tensor TIES without rescale, equal bit for bit to ``trim_per_tensor``
-    followed by ``ties_combine``: exact thresholds by sampled selection, then trim, vote and
-    disjoint merge one column block at a time, so every step works on cache-resident data.
-    ``x`` (n, *shape) is overwritten."""
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
-    d = flat.shape[1]
-    cuts: list[_RowCut | None] = []
-    for i, dens in enumerate(densities):
-        rank = threshold_rank(numel=d, density=dens, variant="mergekit")
-        if rank is None:
-            cuts.append(None)
-            continue
-        thr, n_gt, n_eq, eq_pos = kth_largest_cut(flat[i], rank, name=name, block=block)
-        need = rank - n_gt
-        cuts.append(_RowCut(thr, None if n_eq == need else need, eq_pos))
-    if _kernels.usable(x, base):
-        return _ties_kernel(base, flat, cuts, weights, lam=lam, normalize=normalize, name=name)
-    out = torch.empty_like(base)
-    out_flat = out.reshape(-1)
-    base_flat = base.reshape(-1)
-    unit = bool((weights == 1).all())  # x * 1 == x and a sum of 0/1 counts is exact: skip both
-    w = model_view(weights, flat)
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    for c0 in range(0, d, block):
-        xb = flat[:, c0 : c0 + block]
-        mb = xb.abs()
-        for i, cut in enumerate(cuts):
-            if cut is not None:  # trimmed rows were NaN-checked by the selection pass
-                xb[i].masked_fill_(cut.drop(mb[i]), 0.0)
-            elif bool(torch.isnan(mb[i].sum())):
-                raise _nan_error(name)
-        del mb
-        if not unit:
-            xb.mul_(w)
-        total = xb.sum(dim=0)
-        elected = torch.where(total >= 0, one, -one)  # mergekit: +1 iff sum >= 0 (a NaN sum elects -1)
-        # agree: v_i * elected > 0 (a zero, another sign or a NaN -- inf * 0 weight -- disagrees,
-        # as in agreement() and mergekit's sign test)
-        disagree = ((xb * elected) > 0).logical_not_()
-        if normalize:
-            if unit:
-                divisor = disagree.logical_not().sum(dim=0, dtype=x.dtype)
-            else:
-                divisor = torch.where(disagree, torch.zeros((), dtype=x.dtype), w).sum(dim=0)
-            divisor = torch.where(divisor == 0, one, divisor)
-        mixed = xb.masked_fill_(disagree, 0.0).sum(dim=0)
-        if normalize:
-            mixed = mixed / divisor
-        if lam != 1:
-            mixed = mixed * lam
-        torch.add(base_flat[c0 : c0 + block], mixed, out=out_flat[c0 : c0 + block])
-    return out
-
-
-def _ties_kernel(
-    base: Tensor,
-    flat: Tensor,
-    cuts: Sequence[_RowCut | None],
-    weights: Tensor,
-    *,
-    lam: float,
-    normalize: bool,
-    name: str,
-) -> Tensor:
-    """The apply loop of ``ties_per_tensor_blocked`` as one fused kernel (same bits). A row's
-    partial tie count becomes a flat index: ties before it are kept, the rest dropped."""
-    n, d = flat.shape
-    thr = torch.zeros(n, dtype=flat.dtype)
-    cut = torch.full((n,), d, dtype=torch.int64)
-    trim = torch.zeros(n, dtype=torch.bool)
-    for i, c in enumerate(cuts):
-        if c is None:
-            continue
-        trim[i] = True
-        thr[i] = c.thr
-        if c.ties_left is not None:  # index of the first tie dropped
-            if c.eq_pos is not None and c.ties_left < c.eq_pos.numel():
-                cut[i] = int(c.eq_pos[c.ties_left])  # gathered with the threshold: no scan
-            else:
-                cut[i] = _kernels.nth_equal_abs(flat[i], c.thr, c.ties_left)
-    unit = bool((weights == 1).all())
-    merged, nan = _kernels.ties_merge(
-        flat,
-        base.reshape(-1),
-        weights,
-        thr,
-        cut,
-        trim,
-        unit=unit,
-        normalize=normalize,
-        lam=lam,
-        block=KERNEL_BLOCK,
-    )
-    if nan:
-        raise _nan_error(name)
-    return merged.reshape(base.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,13 +214,11 @@ def _l1_after(ctx: TensorCtx, *, densities: Sequence[float]) -> Tensor:
 
 
 def _zero_sign_votes(ctx: TensorCtx, *, densities: Sequence[float], rescale: bool) -> Tensor:
-    if not rescale and _kernels.usable(ctx.x):  # one fused pass, no trimmed copy; the same signs
-        n = ctx.n_models
+    if _fused(ctx.x, rescale=rescale, scope="global", variant="paper"):  # no trimmed copy; same signs
         thr = _global_thresholds(densities, ctx.stats, ctx.name).to(ctx.x.dtype)
         trim = torch.tensor([d < 1 for d in densities])
-        sign = _kernels.trimmed_vote_sign(ctx.x.reshape(n, -1), thr, trim, block=KERNEL_BLOCK)
-        elected = sign.reshape(1, *ctx.x.shape[1:])
-        return row_partials(elected, len(ctx.full_shape)).expand(n, -1)
+        elected = _ties_fused.vote_signs(ctx.x, thr, trim).unsqueeze(0)
+        return row_partials(elected, len(ctx.full_shape)).expand(ctx.n_models, -1)
     t = trim_global(ctx.x, densities, ctx.stats, name=ctx.name, inplace=False)
     if rescale:
         t.mul_(model_view(_rescale_factors(ctx.stats, t.dtype), t))
@@ -478,25 +250,35 @@ def _passes(p: Mapping[str, Any]) -> list[list[StatRequest]]:
 # The method
 
 
+def _fused(*tensors: Tensor, rescale: bool, scope: str, variant: str) -> bool:
+    """The one choice between the two implementations: the fused CPU path where it applies (the
+    kernels run on these tensors, no rescale, per-tensor scope only for mergekit's exact-k trim),
+    the reference torch code everywhere else."""
+    if rescale or not kernels.usable(*tensors):
+        return False
+    return scope == "global" or variant == "mergekit"
+
+
 def _apply(ctx: TensorCtx) -> Tensor:
     assert ctx.base is not None
     p = ctx.params
+    scope, variant, rescale = effective_scope(p), p["variant"], bool(p["rescale"])
+    if _fused(ctx.base, ctx.x, rescale=rescale, scope=scope, variant=variant):
+        return _apply_fused(ctx, scope)
+    return _apply_reference(ctx, scope)
+
+
+def _apply_reference(ctx: TensorCtx, scope: str) -> Tensor:
+    assert ctx.base is not None
+    p, x = ctx.params, ctx.x
     variant, densities, rescale = p["variant"], p["density"], bool(p["rescale"])
-    x = ctx.x
     majority: Tensor | None = None
-    if effective_scope(p) == "global":
-        if not rescale and _kernels.usable(ctx.base, x):
-            return _global_kernel(ctx)
+    if scope == "global":
         trim_global(x, densities, ctx.stats, name=ctx.name, inplace=True)
         if rescale:
             x.mul_(model_view(_rescale_factors(ctx.stats, x.dtype), x))
         if variant == "paper":
             majority = torch.sign(ctx.stats[MAJORITY][0]).to(x.dtype)
-    elif variant == "mergekit" and not rescale and x.device.type == "cpu":
-        w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
-        return ties_per_tensor_blocked(
-            ctx.base, x, densities, w, lam=float(p["lambda"]), normalize=effective_normalize(p), name=ctx.name
-        )
     else:
         trim_per_tensor(x, densities, variant=variant, rescale=rescale, name=ctx.name)
     w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
@@ -511,6 +293,29 @@ def _apply(ctx: TensorCtx) -> Tensor:
     )
 
 
+def _apply_fused(ctx: TensorCtx, scope: str) -> Tensor:
+    assert ctx.base is not None
+    p, x = ctx.params, ctx.x
+    densities, lam, normalize = p["density"], float(p["lambda"]), effective_normalize(p)
+    w = torch.tensor(p["weight"], dtype=x.dtype)
+    if scope == "global":
+        paper = p["variant"] == "paper"
+        return _ties_fused.global_scope(
+            ctx.base,
+            x,
+            w,
+            _global_thresholds(densities, ctx.stats, ctx.name).to(x.dtype),  # as trim_global casts it
+            torch.tensor([d < 1 for d in densities]),
+            lam=lam,
+            normalize=normalize,
+            weighted_vote=not paper,
+            zero_pos=bool(torch.sign(ctx.stats[MAJORITY][0]) > 0) if paper else True,
+        )
+    numel = x[0].numel()
+    ranks = [threshold_rank(numel=numel, density=d, variant="mergekit") for d in densities]
+    return _ties_fused.per_tensor(ctx.base, x, ranks, w, lam=lam, normalize=normalize, name=ctx.name)
+
+
 def _global_thresholds(densities: Sequence[float], stats: Mapping[str, Tensor], name: str) -> Tensor:
     """Per-model global thresholds, +0 (keeps all) for density 1; the errors of ``trim_global``."""
     thr = torch.zeros(len(densities), dtype=torch.float64)
@@ -522,34 +327,6 @@ def _global_thresholds(densities: Sequence[float], stats: Mapping[str, Tensor], 
             trim_global(torch.zeros(len(densities), 1), densities, stats, name=name, inplace=True)  # raises
         thr[i] = stats[key][i].to(torch.float64)
     return thr
-
-
-def _global_kernel(ctx: TensorCtx) -> Tensor:
-    """Global-scope apply without rescale in one fused pass: ``trim_global`` then ``ties_combine``
-    with the model's majority sign (paper), the same bits."""
-    assert ctx.base is not None
-    p, x = ctx.params, ctx.x
-    densities = p["density"]
-    n = x.shape[0]
-    thr = _global_thresholds(densities, ctx.stats, ctx.name).to(x.dtype)  # as trim_global casts it
-    w = torch.tensor(p["weight"], dtype=x.dtype)
-    paper = p["variant"] == "paper"
-    zero_pos = bool(torch.sign(ctx.stats[MAJORITY][0]) > 0) if paper else True
-    merged, _ = _kernels.ties_merge(
-        x.reshape(n, -1),
-        ctx.base.reshape(-1),
-        w,
-        thr,
-        torch.full((n,), x[0].numel(), dtype=torch.int64),  # every tie kept: global trim drops only <
-        torch.tensor([d < 1 for d in densities]),
-        unit=bool((w == 1).all()),
-        normalize=effective_normalize(p),
-        lam=float(p["lambda"]),
-        block=KERNEL_BLOCK,
-        weighted_vote=not paper,
-        zero_pos=zero_pos,
-    )
-    return merged.reshape(ctx.base.shape)
 
 
 def _check(p: Mapping[str, Any], n: int) -> None:
@@ -633,4 +410,12 @@ SPEC = MethodSpec(
     row_chunkable=lambda p: effective_scope(p) == "global",
     check=_check,
     check_varying=_check_varying,
+    order_invariant=True,
+    examples=(
+        {"density": 0.3},  # the fused per-tensor path
+        {"density": 0.3, "rescale": True},  # the reference per-tensor path
+        {"density": 0.2, "variant": "paper"},  # global scope, fused
+        {"density": 0.3, "scope": "global", "rescale": True},  # global scope, reference
+        {"density": 0.2, "variant": "paper", "merge_func": "sum", "lambda": 0.5},
+    ),
 )

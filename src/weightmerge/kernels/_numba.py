@@ -1,11 +1,12 @@
-"""Fused CPU loops compiled by numba (imported only through ``methods._kernels``, which falls back
-to the torch code when numba is missing or disabled).
+"""Fused CPU loops compiled by numba (imported only through ``weightmerge.kernels``; its callers
+run their reference torch code when numba is missing or disabled).
 
 Each kernel reads its inputs once and does in one loop what the torch code does in a dozen
 element-wise ops, with the same float operations in the same order, so the results have the same
-bits (``tests/test_kernels.py`` checks this against the torch code). No ``fastmath``: LLVM may not
-reassociate or contract (FMA) anything. Scalars of the compute dtype come in a ``consts`` array of
-that dtype ([0, 1, lambda]) so that no arithmetic is promoted to float64 by a Python literal.
+bits (``tests/test_kernels.py`` checks this against the reference torch code). No ``fastmath``:
+LLVM may not reassociate or contract (FMA) anything. Scalars of the compute dtype come in a
+``consts`` array of that dtype ([0, 1, lambda]) so that no arithmetic is promoted to float64 by a
+Python literal.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Sampling helpers shared by the exact selections (``engine.select.SampleSelect`` over a whole
-model, the blocked per-tensor TIES threshold): where to sample, and which sample window brackets
+"""Sampling arithmetic shared by the exact selections (``engine.select.SampleSelect`` over a whole
+model, the fused per-tensor TIES threshold): where to sample, and which sample window brackets
 a rank. Pure integer arithmetic; no I/O."""
 
 from __future__ import annotations

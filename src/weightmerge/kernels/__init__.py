@@ -1,11 +1,14 @@
-"""Access to the fused CPU kernels of ``_numba_kernels``: whether they can run on a tensor, and
-thin wrappers that take and return torch tensors (zero-copy numpy views).
+"""Fused CPU kernels (numba) and the sampling arithmetic of the exact selections, shared by the
+engine (``engine.select.SampleSelect``: ``window_counts``, ``sampling``) and the TIES family
+(``ties_merge``, ``trimmed_vote_sign``, ``window_gather``, ``nth_equal_abs``). It imports nothing
+else of weightmerge, so both can use it without an import cycle.
 
-The kernels are used when numba imports, the tensor is a float32/float64 CPU tensor, and the
-environment does not say ``WEIGHTMERGE_KERNELS=0`` (which forces the torch code, for debugging
-or comparison; both give the same bits). numba compiles each kernel once per machine and caches
-the machine code (``NUMBA_CACHE_DIR`` moves the cache); the first merge on a machine pays about
-a second or two per kernel signature.
+This module says whether the kernels can run on a tensor and wraps them (torch tensors in and
+out, zero-copy numpy views). They run when numba imports, the tensors are float32/float64 CPU
+tensors of one dtype, and the environment does not say ``WEIGHTMERGE_KERNELS=0`` (which forces
+each caller's reference torch code, for debugging or comparison; both give the same bits). numba
+compiles each kernel once per machine and caches the machine code next to ``_numba.py`` (or in
+``NUMBA_CACHE_DIR``, and in numba's user cache directory when the install is read-only).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ def _module() -> ModuleType | None:
     if os.environ.get("WEIGHTMERGE_KERNELS", "1") == "0":
         return None
     try:
-        from weightmerge.methods import _numba_kernels
+        from weightmerge.kernels import _numba
     except ImportError:  # numba missing or broken: the torch code runs
         return None
-    return _numba_kernels
+    return _numba
 
 
 def enabled() -> bool:
@@ -108,7 +111,7 @@ def ties_merge(
     weighted_vote: bool = True,
     zero_pos: bool = True,
 ) -> tuple[Tensor, bool]:
-    """Flat TIES (see ``_numba_kernels.ties_merge``; the defaults are mergekit's vote): ``x`` (n, d),
+    """Flat TIES (see ``_numba.ties_merge``; the defaults are mergekit's vote): ``x`` (n, d),
     ``base`` (d,), per-row ``thr``, ``cut`` (int64) and ``trim`` (bool). Returns
     ``(merged (d,), nan_seen)``."""
     mod = _module()
@@ -148,7 +151,7 @@ def window_counts(
     eq_lo: Tensor,
     eq_hi: Tensor,
 ) -> None:
-    """One ``SampleSelect`` gathering step in one pass (see ``_numba_kernels.window_counts``):
+    """One ``SampleSelect`` gathering step in one pass (see ``_numba.window_counts``):
     ``lo``/``hi`` (n, 1) of the values' dtype, ``cand`` (n, cap + 1) and the int64 (n,) counters
     are updated in place, and so are the lists ``kept`` and ``failed``."""
     mod = _module()
@@ -166,7 +169,7 @@ def window_counts(
 
 def trimmed_vote_sign(x: Tensor, thr: Tensor, trim: Tensor, *, block: int) -> Tensor:
     """(d,) sign of the column sums of the flat ``x`` (n, d) after the global trim (|x| < thr[i] -> 0
-    in the rows where ``trim``); see ``_numba_kernels.trimmed_vote_sign``."""
+    in the rows where ``trim``); see ``_numba.trimmed_vote_sign``."""
     mod = _module()
     assert mod is not None
     _threads()
@@ -174,3 +177,25 @@ def trimmed_vote_sign(x: Tensor, thr: Tensor, trim: Tensor, *, block: int) -> Te
     out = np.empty(xs.shape[1], xs.dtype)
     mod.trimmed_vote_sign(xs, _np(thr.to(x.dtype)), _np(trim.to(torch.bool)), out, block)
     return torch.from_numpy(out)
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) every kernel for float32 and float64 on tiny inputs, so
+    that the first real call does not pay for it. Returns False when the kernels are off."""
+    if _module() is None:
+        return False
+    for dt in _DTYPES:
+        x = torch.zeros(2, 8, dtype=dt)
+        row, one = x[0], torch.ones((), dtype=dt)
+        window_gather(row, None, one, cap=8)
+        nth_equal_abs(row, one, 0)
+        w, thr = torch.ones(2, dtype=dt), torch.zeros(2, dtype=dt)
+        cut, trim = torch.full((2,), 8, dtype=torch.int64), torch.ones(2, dtype=torch.bool)
+        ties_merge(x, row, w, thr, cut, trim, unit=True, normalize=True, lam=1.0, block=4)
+        trimmed_vote_sign(x, thr, trim, block=4)
+        below, eq_lo, eq_hi = (torch.zeros(2, dtype=torch.int64) for _ in range(3))
+        cand = torch.zeros(2, 9, dtype=dt)
+        window_counts(
+            x, thr.reshape(2, 1), thr.reshape(2, 1), cand, [0, 0], [False, False], below, eq_lo, eq_hi
+        )
+    return True
