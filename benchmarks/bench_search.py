@@ -11,8 +11,8 @@ Two parts, each checking before it reports:
   on validation (keep_ratio 0.05/0.1/0.2 x lambda 1.0/1.3), and a per-task lambda search (CMA-ES
   in [0.8, 1.3], the PCB paper's bounds) chosen on validation; every chosen point scored on test.
 
-    .venv/bin/python benchmarks/bench_search.py scaling --benchmark demo --budget 8 --workers 1,2,4 --ray
     .venv/bin/python benchmarks/bench_search.py pcb --benchmark demo --seeds 0,1,2 --budget 24
+    .venv/bin/python benchmarks/bench_search.py scaling --benchmark demo --budget 8 --workers 1,2,4 --ray
 
 Results: JSON under ``--out`` (default benchmarks/results/search-<part>.json) and a Markdown table on
 stdout for docs/benchmarks.md / docs/results.md.
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["scaling", "pcb"])
     ap.add_argument("--benchmark", default="demo", help="built-in eval config or an eval YAML (its experts)")
+    ap.add_argument("--train-size", type=int, help="override the config's training examples per task")
     ap.add_argument("--cache-dir", help="expert cache (default: the eval harness's)")
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--population", type=int, default=6)
@@ -206,6 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.train_size:  # the built-in config with fewer training examples per task (cheaper experts)
+        import yaml
+
+        from weightmerge.eval.config import builtin_config
+
+        doc = builtin_config(args.benchmark).model_dump(mode="json")
+        doc["sizes"]["train"] = args.train_size
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        path = args.scratch / f"{args.benchmark}-train{args.train_size}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        args.benchmark = str(path)
     result = scaling(args) if args.part == "scaling" else pcb(args)
     result["command"] = [sys.executable, *sys.argv]
     result["loadavg_end"] = os.getloadavg()

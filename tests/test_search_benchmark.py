@@ -19,7 +19,9 @@ from weightmerge.search.runner import run_search
 
 pytest.importorskip("transformers")
 require("cma")
-pytestmark = pytest.mark.slow  # ~15-30 s: three tiny experts are fine-tuned, then 6 merges scored
+pytestmark = (
+    pytest.mark.slow
+)  # ~20-40 s per case: three tiny experts fine-tuned, 6 merges scored (2 workers: + start-up)
 
 
 def _builder(name: str, pools: dict[str, str]):
@@ -54,7 +56,13 @@ register_task(
 )
 
 
-def test_benchmark_search_scores_like_the_harness(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experts")  # shared: the experts are trained once
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_benchmark_search_scores_like_the_harness(tmp_path: Path, cache: Path, workers: int) -> None:
     bench = {
         "name": "search-smoke",
         "model": "tiny-random",
@@ -63,7 +71,7 @@ def test_benchmark_search_scores_like_the_harness(tmp_path: Path) -> None:
         "sizes": {"train": 48, "validation": 24, "test": 32},
         "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2, "max_length": 32},
         "methods": [{"method": "linear"}],
-        "cache_dir": str(tmp_path / "cache"),
+        "cache_dir": str(cache),
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
     search = {
@@ -80,7 +88,7 @@ def test_benchmark_search_scores_like_the_harness(tmp_path: Path) -> None:
         },
     }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
-    s = run_search(load_search_config(tmp_path / "search.yaml"), log=lambda _m: None)
+    s = run_search(load_search_config(tmp_path / "search.yaml"), log=lambda _m: None, workers=workers)
     assert s["dimensions"] == [f"lambda[{t}]" for t in bench["tasks"]]
     assert {"normalized_avg", "avg", "acc[search_letters]"} <= set(s["best"]["validation"])
     assert s["best"]["validation"]["normalized_avg"] >= s["default"]["validation"]["normalized_avg"]
@@ -92,3 +100,43 @@ def test_benchmark_search_scores_like_the_harness(tmp_path: Path) -> None:
         assert rows[row]["normalized_avg"] == pytest.approx(ours["normalized_avg"], abs=1e-12), row
         for t in bench["tasks"]:
             assert rows[row]["held_in"][t] == pytest.approx(ours[f"acc[{t}]"], abs=1e-12), (row, t)
+
+
+def test_eval_entry_with_a_search_gets_its_own_row(tmp_path: Path, cache: Path) -> None:
+    doc = {
+        "name": "search-row",
+        "model": "tiny-random",
+        "tasks": ["search_letters", "search_digits", "search_vowels"],
+        "seeds": [0],
+        "sizes": {"train": 48, "validation": 24, "test": 32},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2, "max_length": 32},
+        "methods": [
+            {
+                "method": "pcb",
+                "params": {"keep_ratio": 0.2, "lambda": 1.0},
+                "grid": {"keep_ratio": [0.1, 0.2]},
+                "search": {
+                    "space": [{"param": "lambda", "per_model": True, "low": 0.5, "high": 2.0}],
+                    "budget": 4,
+                    "population": 2,
+                },
+            }
+        ],
+        "cache_dir": str(cache),
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["eval", str(tmp_path / "eval.yaml"), "--no-progress", "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = report["per_seed"][0]["rows"]
+    assert {"pcb", "pcb (tuned)", "pcb (search)"} <= set(rows)
+    row = rows["pcb (search)"]
+    assert row["search"]["evaluations"] == 4
+    # chosen on validation by the search; the harness's own validation score of that point agrees
+    assert row["validation_normalized_avg"] == pytest.approx(row["search"]["validation_objective"], abs=1e-12)
+    assert row["params"]["lambda"] == [row["search"]["point"][f"lambda[{t}]"] for t in doc["tasks"]]
+    assert "| pcb (search) |" in (tmp_path / "out" / "report.md").read_text()
+    # a bad search block is refused up front, naming the entry
+    doc["methods"][0]["search"]["space"][0]["param"] = "lamda"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["eval", str(tmp_path / "bad.yaml"), "--no-progress", "-q"]) == 1

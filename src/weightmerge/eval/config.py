@@ -85,6 +85,7 @@ class MethodEntry(_Doc):
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     dtype: Literal["float32", "float64"] = "float32"  # compute dtype of the merge
+    search: dict[str, Any] | None = None  # a "(search)" row: docs/search.md (weightmerge.search.eval_hook)
 
     @property
     def name(self) -> str:
@@ -184,6 +185,13 @@ def _check_method(entry: MethodEntry, index: int, n_models: int, smallest: int) 
             spec.check(resolved, n_models)
         except (TypeError, ValueError) as err:
             raise EvalConfigError(f"{where}: {err}") from None
+    if entry.search is not None:
+        from weightmerge.search.eval_hook import check_entry
+
+        try:
+            check_entry(entry.method, entry.params, entry.search, n_models)
+        except ValueError as err:
+            raise EvalConfigError(f"{where}.search.{err}") from None
     if spec.min_models > smallest or (spec.max_models is not None and spec.max_models < n_models):
         most = "any number of" if spec.max_models is None else f"at most {spec.max_models}"
         raise EvalConfigError(

@@ -37,6 +37,8 @@ def row_order(cfg: EvalConfig) -> list[str]:
         order.append(entry.name)
         if entry.grid:
             order.append(f"{entry.name} (tuned)")
+        if entry.search is not None:
+            order.append(f"{entry.name} (search)")
     order.append("base")
     return order
 

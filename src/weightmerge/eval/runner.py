@@ -512,6 +512,10 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
         if tuned is not None:
             rows[f"{entry.name} (tuned)"] = tuned
             grids[entry.name] = grid_rows
+        if entry.search is not None:  # weightmerge.search.eval_hook: chosen on validation, scored here
+            from weightmerge.search.eval_hook import search_row
+
+            rows[f"{entry.name} (search)"] = search_row(ctx, entry, reference, log=log)
         msg = f"seed {ctx.seed}: {entry.name}: avg {default_row['avg']:.3f}, normalised held-in "
         msg += f"{default_row['normalized_avg']:.3f}"
         if tuned is not None:

@@ -98,11 +98,12 @@ class CallableEvaluator:
 
 @dataclass(frozen=True)
 class BenchmarkData:
-    """What scoring needs, picklable: the encoder reference, each task's encoded validation and test
-    splits, each expert's head and validation accuracy (normalisation on validation)."""
+    """What scoring needs, picklable: the expert family (the loaded encoder: ``new_body()`` builds a
+    body; its base weights are the search's base tensors, in shared memory once the search shares
+    them), each task's prepared validation and test splits, each expert's head and validation
+    accuracy (normalisation on validation)."""
 
-    model: str
-    cache_dir: str
+    family: Any
     tasks: tuple[str, ...]
     validation: Mapping[str, Any]  # task -> weightmerge.eval.model.Encoded
     test: Mapping[str, Any]
@@ -117,10 +118,8 @@ class BenchmarkEvaluator:
     scores the chosen point on test has them."""
 
     def __init__(self, data: BenchmarkData, *, expert_bodies: Sequence[Mapping[str, Any]] | None = None):
-        from weightmerge.eval.model import load_encoder
-
         self.data = data
-        self.body = load_encoder(data.model, cache_dir=data.cache_dir).new_body()
+        self.body = data.family.new_body()
         self._experts = list(expert_bodies) if expert_bodies is not None else None
         self._expert_test: dict[str, float] | None = None
 
@@ -178,21 +177,24 @@ def prepare_benchmark(
     """Train or load the benchmark's experts for ``seed``; (data, base body state, expert bodies)."""
     from pathlib import Path
 
+    from weightmerge.eval import runner
     from weightmerge.eval.cache import default_cache_dir
     from weightmerge.eval.model import load_encoder
-    from weightmerge.eval.runner import prepare_seed
 
     cache = Path(cache_dir or ecfg.cache_dir or default_cache_dir()).expanduser()
     sub = ecfg.model_copy(update={"tasks": list(tasks), "held_out": [], "n_experts": []})
-    encoder = load_encoder(sub.model, cache_dir=cache)
-    ctx = prepare_seed(sub, encoder, seed, cache_dir=cache, progress=progress, log=log)
+    if hasattr(runner, "load_family"):  # the harness with expert families (text and vision)
+        encoder = runner.load_family(sub.model, cache_dir=cache, image_size=sub.image_size)
+    else:
+        encoder = load_encoder(sub.model, cache_dir=cache)
+    ctx = runner.prepare_seed(sub, encoder, seed, cache_dir=cache, progress=progress, log=log)
     data = BenchmarkData(
-        model=sub.model,
-        cache_dir=str(cache),
+        family=encoder,
         tasks=tuple(tasks),
         validation={t: ctx.data[t].validation for t in tasks},
         test={t: ctx.data[t].test for t in tasks},
         heads={t: ctx.experts[t].head for t in tasks},
         expert_val={t: ctx.experts[t].val_accuracy for t in tasks},
     )
-    return data, dict(encoder.base_state), [ctx.experts[t].body for t in tasks]
+    # the family's own base tensors (not a copy): sharing the search's inputs shares them too
+    return data, encoder.base_state, [ctx.experts[t].body for t in tasks]

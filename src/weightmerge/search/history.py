@@ -32,7 +32,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class History:
-    def __init__(self, path: Path, header: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path | None, header: Mapping[str, Any]) -> None:
         self.path = path
         self.header = {"kind": "header", **header}
         self.candidates: dict[int, dict[str, Any]] = {}
@@ -71,5 +71,7 @@ class History:
         return [self.candidates[i] for i in sorted(self.candidates)]
 
     def save(self) -> None:
+        if self.path is None:  # an in-memory history (the search rows of weightmerge eval)
+            return
         lines = [self.header, *([self.default] if self.default else []), *self.records()]
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weightmerge.search.config import BenchmarkEvaluatorDoc, SearchConfig, SearchConfigError
+from weightmerge.search.config import BenchmarkEvaluatorDoc, DimensionDoc, SearchConfig, SearchConfigError
 from weightmerge.search.space import Dimension
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def _model_names(paths: Sequence[str]) -> tuple[str, ...]:
 
 def build_template(cfg: SearchConfig) -> Template:
     """Validate the merge part and the dimensions against the method (no tensor is read)."""
-    from weightmerge.methods._params import did_you_mean, resolve_params
+    from weightmerge.methods._params import did_you_mean
     from weightmerge.methods.registry import METHODS
 
     merge = dict(cfg.merge)
@@ -117,7 +117,6 @@ def build_template(cfg: SearchConfig) -> Template:
         raise _err("merge_method: missing (the method whose parameters are searched)")
     if method not in METHODS:
         raise _err(f"merge_method: unknown method {method!r}{did_you_mean(method, list(METHODS))}")
-    spec = METHODS[method]
     paths: tuple[str, ...] = ()
     if cfg.benchmark:
         extra = sorted(set(merge) - set(_BENCHMARK_MERGE_KEYS))
@@ -152,6 +151,37 @@ def build_template(cfg: SearchConfig) -> Template:
         seed = mcfg.seed
         dtype = str(mcfg.compute_dtype).removeprefix("torch.")
         exclude = tuple(mcfg.exclude)
+    return make_template(
+        method=method,
+        params=params,
+        names=names,
+        space=cfg.search.space,
+        optimizer=cfg.search.optimizer,
+        seed=seed,
+        compute_dtype=dtype,
+        exclude=exclude,
+        paths=paths,
+    )
+
+
+def make_template(
+    *,
+    method: str,
+    params: Mapping[str, Any],
+    names: Sequence[str],
+    space: Sequence[DimensionDoc],
+    optimizer: str,
+    seed: int = 0,
+    compute_dtype: str = "float32",
+    exclude: Sequence[str] = (),
+    paths: Sequence[str] = (),
+) -> Template:
+    """The dimensions of ``space`` for ``method`` merging models ``names``, checked (corners too)."""
+    from weightmerge.methods._params import did_you_mean, resolve_params
+    from weightmerge.methods.registry import get_method
+
+    spec = get_method(method)
+    names = tuple(names)
     stats = [p.name for p in spec.params if p.kind == "stats"]
     if stats:
         raise _err(f"merge_method: {method!r} needs statistics ({stats[0]}); search does not compute them")
@@ -161,7 +191,7 @@ def build_template(cfg: SearchConfig) -> Template:
         raise _err(f"merge_method: {method!r} needs at least {spec.min_models} models, got {len(names)}")
     by_name = {p.name: p for p in spec.params}
     dims: list[Dimension] = []
-    for i, d in enumerate(cfg.search.space):
+    for i, d in enumerate(space):
         where = f"search.space[{i}]"
         p = by_name.get(d.param)
         if p is None:
@@ -198,17 +228,17 @@ def build_template(cfg: SearchConfig) -> Template:
     ]
     if clash:
         raise _err(f"search.space: parameter {clash[0][0]!r} is searched twice")
-    if cfg.search.optimizer == "cma" and any(d.categorical for d in dims):
+    if optimizer == "cma" and any(d.categorical for d in dims):
         raise _err("search.optimizer: cma searches numeric ranges only; use tpe, random or grid for values")
     t = Template(
         method=method,
-        base_params=params,
+        base_params=dict(params),
         model_names=names,
         dims=tuple(dims),
         seed=seed,
-        compute_dtype=dtype,
-        exclude=exclude,
-        model_paths=paths,
+        compute_dtype=compute_dtype,
+        exclude=tuple(exclude),
+        model_paths=tuple(paths),
     )
     # every corner of every range (and every choice) must be a valid parameter value
     probes = [t.default_point()]
@@ -236,7 +266,7 @@ def check_config(cfg: SearchConfig) -> None:
 class Inputs:
     """The tensors every candidate merges: read once, then shared with the workers."""
 
-    base: dict[str, torch.Tensor]
+    base: Mapping[str, torch.Tensor]
     models: list[dict[str, torch.Tensor]]
 
     def share_memory(self) -> None:

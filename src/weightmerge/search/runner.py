@@ -26,6 +26,7 @@ from weightmerge.search.config import (
     BenchmarkEvaluatorDoc,
     LmEvalEvaluatorDoc,
     PythonEvaluatorDoc,
+    SearchBlock,
     SearchConfig,
 )
 from weightmerge.search.history import History
@@ -72,7 +73,7 @@ def prepare(cfg: SearchConfig, *, progress: bool, log: Log) -> tuple[Template, I
             progress=progress,
             log=log,
         )
-        inputs = Inputs(base=base, models=bodies)
+        inputs = Inputs(base=base, models=list(bodies))
         return (
             template,
             inputs,
@@ -129,7 +130,6 @@ def run_search(
 
     ``stop_after`` stops after that many new evaluations without the final test (it simulates a
     killed search; the history is complete up to there)."""
-    from weightmerge.search.executors import make_executor
     from weightmerge.search.optimizers import GridSearch, make_optimizer, require
 
     block = cfg.search
@@ -161,13 +161,73 @@ def run_search(
         f"{' on Ray ' + ray_address if ray_address else ''}; "
         f"inputs {inputs.nbytes() / 2**20:.1f} MiB"
     )
+    stopped, new_evals, loop_seconds = optimise(
+        template,
+        inputs,
+        factory,
+        block,
+        history,
+        opt=opt,
+        budget=budget,
+        workers=n_workers,
+        ray_address=ray_address,
+        progress=progress,
+        log=log,
+        stop_after=stop_after,
+    )
+    if stopped:
+        return {"stopped": True, "evaluations": len(history.candidates)}
+    summary = finish(
+        cfg,
+        template,
+        inputs,
+        history,
+        final_evaluator,
+        budget=budget,
+        loop_seconds=loop_seconds,
+        new_evals=new_evals,
+        workers=n_workers,
+        ray_address=ray_address,
+        log=log,
+    )
+    summary["seconds"]["total"] = time.perf_counter() - t_start
+    if write:
+        from weightmerge.search.outputs import write_outputs
+
+        paths = write_outputs(cfg, template, summary, out)
+        summary["outputs"] = {k: str(v) for k, v in paths.items()}
+    return summary
+
+
+def optimise(
+    template: Template,
+    inputs: Inputs,
+    factory: Any,
+    block: SearchBlock,
+    history: History,
+    *,
+    opt: Any,
+    budget: int,
+    workers: int,
+    ray_address: str | None,
+    progress: bool,
+    log: Log,
+    stop_after: int | None = None,
+) -> tuple[bool, int, float]:
+    """The default point, then generations until ``budget``: (stopped early, new evaluations, seconds).
+
+    Candidates already in ``history`` are not evaluated again (their stored scores are told)."""
+    from tqdm.auto import tqdm
+
+    from weightmerge.search.executors import make_executor
+
+    x0 = template.default_point()
+    where = history.path or "the history"
     executor = make_executor(
-        template, inputs, factory, threads=block.threads, workers=n_workers, ray_address=ray_address
+        template, inputs, factory, threads=block.threads, workers=workers, ray_address=ray_address
     )
     new_evals = 0
     t_loop = time.perf_counter()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)
     best: list[float] = [math.nan]
 
@@ -197,7 +257,7 @@ def run_search(
         while n < budget:
             if stop_after is not None and new_evals >= stop_after:
                 log(f"search: stopped after {new_evals} new evaluations (stop_after)")
-                return {"stopped": True, "evaluations": len(history.candidates)}
+                return True, new_evals, time.perf_counter() - t_loop
             points = opt.ask(min(opt.population, budget - n))
             if not points:
                 break
@@ -208,7 +268,7 @@ def run_search(
                     todo.append((n + i, p))
                 elif point_key(stored["point"]) != point_key(p):
                     raise ValueError(
-                        f"{hist_path}: candidate {n + i} in the history is {stored['point']}, but the "
+                        f"{where}: candidate {n + i} in the history is {stored['point']}, but the "
                         f"optimizer asks {p} now: the history does not belong to this search; "
                         "start afresh with --force"
                     )
@@ -219,7 +279,7 @@ def run_search(
             executor.run(todo, lambda i, r, g=g, pts=pts: record("candidate", i, g, pts[i], r))
             if stop_after is not None and any(n + i not in history.candidates for i in range(len(points))):
                 log(f"search: stopped after {new_evals} new evaluations (stop_after)")
-                return {"stopped": True, "evaluations": len(history.candidates)}
+                return True, new_evals, time.perf_counter() - t_loop
             opt.tell([history.candidates[n + i]["objective"] for i in range(len(points))])
             n += len(points)
             gen += 1
@@ -234,27 +294,7 @@ def run_search(
     finally:
         bar.close()
         executor.close()
-    loop_seconds = time.perf_counter() - t_loop
-    summary = finish(
-        cfg,
-        template,
-        inputs,
-        history,
-        final_evaluator,
-        budget=budget,
-        loop_seconds=loop_seconds,
-        new_evals=new_evals,
-        workers=n_workers,
-        ray_address=ray_address,
-        log=log,
-    )
-    summary["seconds"]["total"] = time.perf_counter() - t_start
-    if write:
-        from weightmerge.search.outputs import write_outputs
-
-        paths = write_outputs(cfg, template, summary, out)
-        summary["outputs"] = {k: str(v) for k, v in paths.items()}
-    return summary
+    return False, new_evals, time.perf_counter() - t_loop
 
 
 def choose(history: History) -> dict[str, Any]:
