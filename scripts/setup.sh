@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEB_PACKAGES="wordnet-base fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-eo"
+# the vision benchmark's images (docs/tasks.md): Fashion-MNIST and the fonts glyphs are rendered from
+DEB_PACKAGES="$DEB_PACKAGES dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-font-awesome"
 missing=""
 for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -22,6 +24,8 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pipq "torch==2.13.0"
 pipq -e ".[eval,search,dev]"
+# Animal-MNIST's data files (its metadata asks for tensorflow, which its data do not need)
+pipq --no-deps "animal-mnist==0.4"
 if [ "${1:-}" = "--test" ]; then
   # test-only oracle: mergekit 0.1.5 (its in-memory API and mergekit-yaml); torch 2.13.0 already
   # satisfies its torch>=2.0, so nothing pulls another torch.

@@ -101,6 +101,9 @@ def _config_doc(tmp: Path) -> dict:
         "methods": METHODS,
         "output_dir": str(tmp / "out"),
         "cache_dir": str(tmp / "cache"),
+        # recompute every merge of the second run from the cached experts (the run cache would
+        # load the first run's numbers instead; tests/test_eval_scale.py covers it)
+        "reuse_runs": False,
     }
 
 

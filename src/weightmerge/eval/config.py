@@ -3,7 +3,18 @@
 Example (the full schema; every key but ``tasks`` and ``methods`` has a default)::
 
     name: my-benchmark
-    model: minilm                  # built-in (minilm, tiny-random) or a local HF encoder folder
+    model: minilm                  # built-in (minilm, tiny-random, efficientnet-lite0/1/2, tiny-cnn-w8)
+                                   # or a local HF encoder folder
+    models: [efficientnet-lite0, efficientnet-lite2]   # several models (the size axis; overrides model)
+    bases: [pretrained, multitask, random]             # the base-quality axis (default [pretrained])
+    base_tasks: [glyph_cyrillic, glyph_symbols]        # the multitask base's mixture (disjoint from
+                                   # tasks and held_out); images: also the BatchNorm calibration set
+    base_sizes: null               # sizes of the base tasks (default: sizes)
+    base_training: null            # recipe of the multitask base (default: training)
+    base_seed: 0                   # seed of the random and multitask bases (one base per model)
+    multitask: true                # also train one model per seed on all held-in tasks (a row)
+    image_size: 32                 # vision models: images are resized to image_size^2
+    reuse_runs: true               # a finished (model, base, seed) run is cached and not recomputed
     tasks: [wn_noun_a, fortune_topic, ...]      # held-in: one expert each, merged
     held_out: [vader_words]        # scored, never merged (see docs/evaluation.md)
     seeds: [0, 1, 2]               # each seed: new data splits, new experts
@@ -100,9 +111,21 @@ class MethodEntry(_Doc):
         return v
 
 
+Base = Literal["pretrained", "multitask", "random"]
+
+
 class EvalConfig(_Doc):
     name: str = "eval"
     model: str = "minilm"
+    models: list[str] = Field(default_factory=list)  # the size axis; empty: [model]
+    bases: list[Base] = Field(default_factory=lambda: list[Base](["pretrained"]))
+    base_tasks: list[str] = Field(default_factory=list)  # the multitask base's mixture
+    base_sizes: Sizes | None = None  # sizes of the base tasks' splits (default: sizes)
+    base_training: Training | None = None  # recipe of the multitask base (default: training)
+    base_seed: int = 0
+    multitask: bool = False  # the multitask baseline row (one model on all held-in tasks)
+    image_size: int = Field(default=32, ge=8, le=512)
+    reuse_runs: bool = True  # load a (model, base, seed) run from the cache when its inputs are unchanged
     tasks: list[str] = Field(min_length=1)
     held_out: list[str] = Field(default_factory=list)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -126,11 +149,30 @@ class EvalConfig(_Doc):
         both = sorted(set(self.tasks) & set(self.held_out))
         if both:
             raise ValueError(f"task {both[0]!r} is both held-in (tasks) and held-out")
+        shared = sorted(set(self.base_tasks) & (set(self.tasks) | set(self.held_out)))
+        if shared:
+            raise ValueError(
+                f"base_tasks: task {shared[0]!r} is also held-in or held-out; the multitask base must be "
+                "trained on tasks disjoint from both"
+            )
+        axes: tuple[tuple[str, list[str]], ...] = (
+            ("models", self.models),
+            ("bases", list(self.bases)),
+            ("base_tasks", self.base_tasks),
+        )
+        for key, names in axes:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{key}: {dup[0]!r} listed twice")
+        if "multitask" in self.bases and not self.base_tasks:
+            raise ValueError("bases: the 'multitask' base needs base_tasks (the mixture it is trained on)")
+        if not self.bases:
+            raise ValueError("bases: give at least one of pretrained, multitask, random")
         labels = [m.name for m in self.methods]
         dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
             raise ValueError(f"methods: two entries are labelled {dup[0]!r}; give each a distinct label")
-        for reserved in ("individual", "base"):
+        for reserved in ("individual", "base", "multitask"):
             if reserved in labels:
                 raise ValueError(f"methods: label {reserved!r} is reserved for a reference row")
         if len(set(self.seeds)) != len(self.seeds):
@@ -141,6 +183,11 @@ class EvalConfig(_Doc):
                     f"n_experts: {k} is not between 1 and the number of tasks ({len(self.tasks)})"
                 )
         return self
+
+
+def model_list(cfg: EvalConfig) -> list[str]:
+    """The models of a run: ``models`` when given, else ``[model]``."""
+    return list(cfg.models) or [cfg.model]
 
 
 def grid_points(entry: MethodEntry) -> list[dict[str, Any]]:

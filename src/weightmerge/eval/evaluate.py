@@ -12,23 +12,23 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from weightmerge.eval.model import Encoded, collate, length_sorted_batches, mean_pool
+from weightmerge.eval.family import Split
 
 EVAL_BATCH_SIZE = 128
 
 
 @torch.inference_mode()
-def pooled_features(body: nn.Module, enc: Encoded, *, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """(n_examples, hidden) mean-pooled last hidden states, in the split's order."""
+def pooled_features(body: nn.Module, enc: Split, *, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """(n_examples, hidden) pooled features of a prepared split (text: mean-pooled last hidden
+    states; images: the vision body's pooled output), in the split's order."""
     if len(enc) == 0:
         raise ValueError("cannot compute features of an empty split")
     was_training = body.training
     body.eval()
     out: torch.Tensor | None = None
-    for index in length_sorted_batches(enc, batch_size=batch_size):
-        ids, mask, _ = collate(enc, index)
-        h = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = mean_pool(h, mask).float()
+    for index in enc.inference_order(batch_size):
+        inputs, _ = enc.batch(index)
+        pooled = enc.pool(body, *inputs).float()
         if out is None:
             out = torch.empty((len(enc), pooled.shape[1]), dtype=torch.float32)
         out[torch.tensor(index)] = pooled
@@ -37,8 +37,8 @@ def pooled_features(body: nn.Module, enc: Encoded, *, batch_size: int = EVAL_BAT
     return out
 
 
-def labels_of(enc: Encoded) -> torch.Tensor:
-    return torch.tensor(enc.labels, dtype=torch.long)
+def labels_of(enc: Split) -> torch.Tensor:
+    return enc.label_tensor
 
 
 def head_predictions(head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:

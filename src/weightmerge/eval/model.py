@@ -18,11 +18,12 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ def fingerprint_folder(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Encoder:
-    """A loaded encoder: its folder, fingerprint, tokenizer, hidden size and base body weights."""
+    """The text expert family (`weightmerge.eval.family`): a loaded Hugging Face encoder, its
+    folder, fingerprint, tokenizer, hidden size and base body weights."""
 
     name: str
     path: Path
@@ -167,6 +169,8 @@ class Encoder:
     tokenizer: Any
     hidden_size: int
     base_state: Mapping[str, torch.Tensor]  # float parameters of the body (read-only by convention)
+    modality: str = "text"
+    base: str = "pretrained"
 
     def new_body(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """A fresh body (eval mode) holding ``state`` (default: the base weights)."""
@@ -174,6 +178,33 @@ class Encoder:
         load_body_state(body, self.base_state if state is None else state)
         body.eval()
         return body
+
+    def prepare(self, examples: Sequence[tuple[str, int]], *, max_length: int) -> Encoded:
+        """Tokenise a split of a text task."""
+        return encode(self.tokenizer, examples, max_length=max_length)
+
+    def train_mode(self, body: nn.Module) -> None:
+        body.train()
+
+    def with_base(
+        self, *, base: str, state: Mapping[str, torch.Tensor], tag: str, calibration: Sequence[Any] = ()
+    ) -> Encoder:
+        """The same encoder from another base (``tag`` identifies it in cache keys)."""
+        fp = hashlib.sha256(f"{self.fingerprint}\x1f{base}\x1f{tag}".encode()).hexdigest()
+        return dataclasses.replace(self, base=base, base_state=dict(state), fingerprint=fp)
+
+    def random_state(self, *, seed: int) -> dict[str, torch.Tensor]:
+        """The body's parameters freshly initialised (the architecture's own init, seeded)."""
+        quiet_transformers()
+        from transformers import AutoConfig, AutoModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            body = AutoModel.from_config(AutoConfig.from_pretrained(str(self.path)))
+        return body_state(body)
+
+    def describe(self) -> dict[str, Any]:
+        return {"modality": "text", "path": str(self.path), "hidden_size": self.hidden_size}
 
 
 def _load_body(path: Path) -> nn.Module:
@@ -232,20 +263,29 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-class Classifier(nn.Module):
-    """Body + mean pooling + linear head."""
+def text_pool(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the encoder's last hidden states over the real (non-padding) tokens."""
+    out = body(input_ids=input_ids, attention_mask=attention_mask)
+    return mean_pool(out.last_hidden_state, attention_mask)
 
-    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+
+class Classifier(nn.Module):
+    """Body + pooling + linear head. ``pool(body, *inputs)`` gives the pooled features (default:
+    the text family's mean pooling; a split's ``pool`` for any family)."""
+
+    def __init__(
+        self, body: nn.Module, head: nn.Linear, pool: Callable[..., torch.Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.body = body
         self.head = head
+        self._pool = pool or text_pool
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(out.last_hidden_state, attention_mask)
+    def features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._pool(self.body, *inputs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(*inputs))
 
 
 def new_head(hidden_size: int, n_classes: int, *, seed: int) -> nn.Linear:
@@ -283,6 +323,27 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    # the `weightmerge.eval.family.Split` interface
+    @property
+    def label_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.labels, dtype=torch.long)
+
+    def batch(self, index: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        ids, mask, labels = collate(self, index)
+        return (ids, mask), labels
+
+    def inference_order(self, batch_size: int) -> Iterator[list[int]]:
+        return length_sorted_batches(self, batch_size=batch_size)
+
+    def pool(self, body: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        return text_pool(body, *inputs)
+
+    def row_mask(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        return inputs[1]
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
 
 
 def encode(tokenizer: Any, examples: Sequence[tuple[str, int]], *, max_length: int) -> Encoded:

@@ -39,8 +39,58 @@ def row_order(cfg: EvalConfig) -> list[str]:
             order.append(f"{entry.name} (tuned)")
         if entry.search is not None:
             order.append(f"{entry.name} (search)")
+    if cfg.multitask:
+        order.append("multitask")
     order.append("base")
     return order
+
+
+def _experts_of(label: str, n_tasks: int) -> int:
+    """How many experts a row's score comes from: 1 for the experts themselves, 0 for the base,
+    all the held-in tasks for a merge or the multitask model."""
+    return {"individual": 1, "base": 0}.get(label, n_tasks)
+
+
+def flat_rows(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per score of a run: model (and its size), base, number of experts, method, seed,
+    normalised held-in / held-out and mean accuracy. Merges of subsets of the experts (the
+    ``n_experts`` axis) are records too (``subset`` names their tasks)."""
+    out: list[dict[str, Any]] = []
+    for cell in cells:
+        common = {"model": cell["model"], "n_parameters": cell["n_parameters"], "base": cell["base"]}
+        for s in cell["per_seed"]:
+            n = len(s["experts"])
+            for label, r in s["rows"].items():
+                out.append(
+                    {
+                        **common,
+                        "method": label,
+                        "n_experts": _experts_of(label, n),
+                        "seed": s["seed"],
+                        "params": r.get("params"),
+                        "normalized_held_in": r.get("normalized_avg"),
+                        "avg_held_in": r.get("avg"),
+                        "normalized_held_out": r.get("held_out_normalized_avg"),
+                        "held_out": r.get("held_out"),
+                    }
+                )
+            for label, sizes in s.get("sweep", {}).items():
+                for k, runs in sizes.items():
+                    if int(k) == n:
+                        continue  # the full merge is the row above
+                    for run in runs:
+                        out.append(
+                            {
+                                **common,
+                                "method": label,
+                                "n_experts": int(k),
+                                "seed": s["seed"],
+                                "subset": run["tasks"],
+                                "normalized_held_in": run["normalized_avg"],
+                                "normalized_held_out": run.get("held_out_normalized_avg"),
+                            }
+                        )
+    return out
 
 
 def _per_task(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
@@ -226,6 +276,10 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def console_table(report: Mapping[str, Any]) -> str:
     """A compact fixed-width table for the terminal."""
+    if "summary" not in report:
+        from weightmerge.eval import study
+
+        return study.console_table(report)
     summ = report["summary"]
     has_ho = bool(report["manifest"]["config"]["held_out"])
     head = f"{'method':<28} {'norm. held-in':>16} {'avg acc':>16}" + (
@@ -251,8 +305,23 @@ def write_outputs(report: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
-    paths["json"].write_text(dumps(report), encoding="utf-8")
-    paths["markdown"].write_text(markdown(report), encoding="utf-8")
-    for p in write_plots(report, out_dir):
+    _atomic_write(paths["json"], dumps(report))
+    if "summary" in report:  # one (model, base) cell
+        _atomic_write(paths["markdown"], markdown(report))
+        plots = write_plots(report, out_dir)
+    else:
+        from weightmerge.eval import study
+
+        _atomic_write(paths["markdown"], study.markdown(report))
+        plots = study.write_plots(report, out_dir)
+    for p in plots:
         paths[p.stem] = p
     return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -52,8 +52,16 @@ from weightmerge.eval import stats as stats_lib
 from weightmerge.eval.cache import default_cache_dir
 from weightmerge.eval.config import EvalConfig, MethodEntry, config_hash, grid_points, params_key
 from weightmerge.eval.evaluate import few_shot_index, fit_probe, head_accuracy, labels_of, pooled_features
-from weightmerge.eval.model import Encoded, Encoder, encode, load_body_state, load_encoder
-from weightmerge.eval.train import Expert, TrainSettings, derive_seed, load_or_train
+from weightmerge.eval.family import ExpertFamily, n_parameters
+from weightmerge.eval.model import load_body_state, load_encoder
+from weightmerge.eval.train import (
+    Expert,
+    MultitaskModel,
+    TrainSettings,
+    derive_seed,
+    load_or_train,
+    load_or_train_multitask,
+)
 from weightmerge.methods.registry import get_method
 from weightmerge.version import __version__
 
@@ -72,9 +80,9 @@ def _stderr(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Splits:
-    train: Encoded
-    validation: Encoded
-    test: Encoded
+    train: Any  # a prepared split (weightmerge.eval.family.Split)
+    validation: Any
+    test: Any
     n_classes: int
     head: str | None  # held-out: the held-in task whose head it reuses
 
@@ -83,7 +91,7 @@ class Splits:
 class SeedContext:
     seed: int
     config: EvalConfig
-    encoder: Encoder
+    encoder: ExpertFamily  # the family (text encoder or vision model) with this cell's base
     cache_dir: Path
     held_in: list[str]
     held_out: list[str]
@@ -98,6 +106,7 @@ class SeedContext:
     expert_test: dict[str, float] = field(default_factory=dict)  # each expert on its own test split
     probe_index: dict[str, list[int]] = field(default_factory=dict)
     progress: bool = True
+    multitask: MultitaskModel | None = None  # the multitask baseline (cfg.multitask)
 
     def load(self, state: StateDict) -> None:
         if self.loaded is not state:
@@ -144,16 +153,17 @@ def _train_settings(cfg: EvalConfig) -> TrainSettings:
 
 
 def prepare_seed(
-    cfg: EvalConfig, encoder: Encoder, seed: int, *, cache_dir: Path, progress: bool, log: Log
+    cfg: EvalConfig, encoder: ExpertFamily, seed: int, *, cache_dir: Path, progress: bool, log: Log
 ) -> SeedContext:
-    """Build tasks, tokenise them, fine-tune or load the experts."""
+    """Build tasks, prepare them for the family (tokenise, resize), fine-tune or load the experts
+    (and the multitask model when ``cfg.multitask``)."""
     tasks = _build_tasks(cfg, seed)
     max_len = cfg.training.max_length
     data = {
         name: Splits(
-            train=encode(encoder.tokenizer, t.train, max_length=max_len),
-            validation=encode(encoder.tokenizer, t.validation, max_length=max_len),
-            test=encode(encoder.tokenizer, t.test, max_length=max_len),
+            train=encoder.prepare(t.train, max_length=max_len),
+            validation=encoder.prepare(t.validation, max_length=max_len),
+            test=encoder.prepare(t.test, max_length=max_len),
             n_classes=len(t.label_names),
             head=t.head,
         )
@@ -189,6 +199,19 @@ def prepare_seed(
         ctx.experts[name] = expert
         how = "cached" if expert.cached else f"trained in {expert.seconds:.1f} s"
         log(f"seed {seed}: expert {name}: validation accuracy {expert.val_accuracy:.3f} ({how})")
+    if cfg.multitask:
+        ctx.multitask = load_or_train_multitask(
+            encoder,
+            tasks={t: (data[t].n_classes, data[t].train, data[t].validation) for t in ctx.held_in},
+            fingerprints=ctx.fingerprints,
+            settings=settings,
+            seed=derive_seed(seed, "multitask"),
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        mt = ctx.multitask
+        how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
+        log(f"seed {seed}: multitask model: mean validation accuracy {mt.val_accuracy:.3f} ({how})")
     ctx.body = encoder.new_body()
     for name in ctx.held_out:
         if data[name].head is None:
@@ -250,15 +273,18 @@ def score(
     held_out: Sequence[str],
     validation: bool,
     test: bool = True,
+    head_for: Callable[[str], Mapping[str, torch.Tensor]] | None = None,
 ) -> Scores:
     """Score the body ``state_for(t)`` on held-in tasks ``tasks`` with each task's own head (test
     and/or validation split); held-out tasks (test split) reusing head t use ``state_for(t)``,
-    few-shot ones ``state_for(None)`` (None = not applicable)."""
+    few-shot ones ``state_for(None)`` (None = not applicable). Heads: each expert's own, or
+    ``head_for(t)`` (the multitask model's)."""
+    heads = head_for or (lambda t: ctx.experts[t].head)
     out = Scores(test={})
     for t in tasks:
         state = state_for(t)
         assert state is not None
-        head = ctx.experts[t].head
+        head = heads(t)
         if test:
             out.test[t] = head_accuracy(head, ctx.features(state, t, "test"), labels_of(ctx.data[t].test))
         if validation:
@@ -271,11 +297,43 @@ def score(
         if state is None:
             out.held_out[h] = None
         elif owner is not None:
-            head = ctx.experts[owner].head
+            head = heads(owner)
             out.held_out[h] = head_accuracy(head, ctx.features(state, h, "test"), labels_of(ctx.data[h].test))
         else:
             out.held_out[h] = _probe_accuracy(ctx, state, h)
     return out
+
+
+def evaluate_state(
+    ctx: SeedContext, state: StateDict, *, split: str = "validation", tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Score one merged body on held-in ``tasks`` (default: all) of a prepared seed, each task with
+    its expert's head: ``{"normalized_avg", "avg", "accuracy": {task: acc}, "normalized": {task:
+    acc / the expert's accuracy on the same split}}``. ``split`` is "validation" (for choosing
+    coefficients) or "test" (for reporting the chosen point). The entry point for coefficient
+    search (docs/evaluation.md, "From Python").
+    """
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    names = list(tasks) if tasks is not None else list(ctx.held_in)
+    unknown = [t for t in names if t not in ctx.experts]
+    if unknown:
+        raise ValueError(f"no expert for task(s) {unknown}; held-in tasks are {ctx.held_in}")
+    scores = score(ctx, lambda _t: state, tasks=names, held_out=(), validation=split == "validation",
+                   test=split == "test")  # fmt: skip
+    acc = scores.validation if split == "validation" else scores.test
+    if split == "validation":
+        ref = {t: ctx.experts[t].val_accuracy for t in names}
+    else:
+        missing = [t for t in names if t not in ctx.expert_test]
+        if missing:
+            experts = score(ctx, lambda t: None if t is None else ctx.experts[t].body, tasks=missing,
+                            held_out=(), validation=False)  # fmt: skip
+            ctx.expert_test.update(experts.test)
+        ref = {t: ctx.expert_test[t] for t in names}
+    norm = {t: _ratio(acc[t], ref[t]) for t in names}
+    return {"normalized_avg": _mean(list(norm.values())), "avg": _mean(list(acc.values())), "accuracy": acc,
+            "normalized": norm}  # fmt: skip
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -325,6 +383,17 @@ def reference_rows(ctx: SeedContext) -> tuple[dict[str, Scores], dict[str, Any]]
     )
     ctx.expert_test = dict(experts.test)
     base_scores = score(ctx, lambda _t: base, tasks=ctx.held_in, held_out=ctx.held_out, validation=False)
+    refs = {"individual": experts, "base": base_scores}
+    if ctx.multitask is not None:
+        mt = ctx.multitask
+        refs["multitask"] = score(
+            ctx,
+            lambda _t: mt.body,
+            tasks=ctx.held_in,
+            held_out=ctx.held_out,
+            validation=False,
+            head_for=lambda t: mt.heads[t],
+        )
     details: dict[str, Any] = {}
     for h in ctx.held_out:
         owner = ctx.data[h].head
@@ -342,7 +411,7 @@ def reference_rows(ctx: SeedContext) -> tuple[dict[str, Scores], dict[str, Any]]
             "base_with_expert_head": base_scores.held_out[h],
             "expert": experts.held_out[h],
         }
-    return {"individual": experts, "base": base_scores}, details
+    return refs, details
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +611,15 @@ def run_seed(ctx: SeedContext, *, log: Log) -> dict[str, Any]:
         "grids": grids,
         "sweep": sweep,
         "stats_cached": dict(ctx.stats_cached),
+        "multitask": None
+        if ctx.multitask is None
+        else {
+            "val_accuracy": ctx.multitask.val_accuracy,
+            "steps": ctx.multitask.steps,
+            "train_seconds": ctx.multitask.seconds,
+            "cached": ctx.multitask.cached,
+            "history": [list(h) for h in ctx.multitask.history],
+        },
         "seconds": {"merge_and_evaluate": time.perf_counter() - t_start},
     }
 
@@ -589,14 +667,22 @@ def run_sweep(ctx: SeedContext, rows: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def manifest(
-    cfg: EvalConfig, encoder: Encoder, *, started: float, command: Sequence[str] | None
+    cfg: EvalConfig, families: Sequence[ExpertFamily], *, started: float, command: Sequence[str] | None
 ) -> dict[str, Any]:
-    import transformers
+    try:
+        import transformers
 
+        tf_version: str | None = transformers.__version__
+    except ImportError:  # vision-only runs do not need it
+        tf_version = None
+    models = [
+        {"name": f.name, "path": str(getattr(f, "path", f.name)), "fingerprint": f.fingerprint}
+        for f in families
+    ]
     return {
         "weightmerge": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": tf_version,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -604,7 +690,7 @@ def manifest(
         "config": cfg.model_dump(mode="json"),
         "config_hash": config_hash(cfg),
         "seeds": list(cfg.seeds),
-        "model": {"name": encoder.name, "path": str(encoder.path), "fingerprint": encoder.fingerprint},
+        "model": models[0] if len(models) == 1 else models,
         "command": list(command) if command is not None else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
@@ -624,6 +710,137 @@ def contention_hint() -> str | None:
     )
 
 
+# Bump when a change to the runner changes a cell's numbers (part of every cached run's key).
+RUN_VERSION = 1
+
+
+def load_family(model: str, *, cache_dir: Path, image_size: int) -> ExpertFamily:
+    """A text encoder (`weightmerge.eval.model`) or a vision model (`weightmerge.eval.vision`)."""
+    from weightmerge.eval.vision import is_vision_model, load_vision_family
+
+    if is_vision_model(model):
+        return load_vision_family(model, image_size=image_size)
+    return load_encoder(model, cache_dir=cache_dir)
+
+
+def _base_splits(
+    cfg: EvalConfig, family: ExpertFamily
+) -> tuple[dict[str, tuple[int, Any, Any]], dict[str, str]]:
+    """The base tasks (seed ``base_seed``) prepared for the family: ({task: (classes, train,
+    validation)}, {task: fingerprint})."""
+    from weightmerge.eval import tasks as task_lib
+
+    sizes = cfg.base_sizes or cfg.sizes
+    out: dict[str, tuple[int, Any, Any]] = {}
+    fps: dict[str, str] = {}
+    for name in cfg.base_tasks:
+        t = task_lib.build_task(
+            name, seed=cfg.base_seed, n_train=sizes.train, n_val=sizes.validation, n_test=sizes.test
+        )
+        ml = cfg.training.max_length
+        out[name] = (
+            len(t.label_names),
+            family.prepare(t.train, max_length=ml),
+            family.prepare(t.validation, max_length=ml),
+        )
+        fps[name] = t.fingerprint()
+    return out, fps
+
+
+def make_base(
+    cfg: EvalConfig, pretrained: ExpertFamily, base: str, *, cache_dir: Path, progress: bool, log: Log
+) -> ExpertFamily:
+    """The family with one of the bases of a scale study:
+
+    * ``pretrained``: the model as loaded (images: with its own BatchNorm statistics);
+    * ``random``: the architecture's own random initialisation, seeded with ``base_seed`` (images:
+      BatchNorm statistics estimated on the base tasks' training images, which are 0/1 otherwise);
+    * ``multitask``: the pretrained model further trained on the mixture of ``base_tasks`` (one
+      head per task, the expert recipe or ``base_training``, seed ``base_seed``), the analogue of
+      instruction tuning; cached like an expert.
+    """
+    if base == "pretrained":
+        return pretrained
+    base_data: dict[str, tuple[int, Any, Any]] = {}
+    fps: dict[str, str] = {}
+    if cfg.base_tasks:
+        base_data, fps = _base_splits(cfg, pretrained)
+    tag = ",".join(f"{t}:{fps[t][:16]}" for t in sorted(fps))
+    if base == "random":
+        state = pretrained.random_state(seed=cfg.base_seed)
+        calib = [train for _, train, _ in base_data.values()] if pretrained.modality == "image" else []
+        return pretrained.with_base(
+            base="random", state=state, tag=f"random:{cfg.base_seed}[{tag}]", calibration=calib
+        )
+    start = pretrained
+    settings = TrainSettings(**(cfg.base_training or cfg.training).model_dump())
+    mt = load_or_train_multitask(
+        start,
+        tasks=base_data,
+        fingerprints=fps,
+        settings=settings,
+        seed=cfg.base_seed,
+        cache_dir=cache_dir,
+        progress=progress,
+        label="base",
+    )
+    how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
+    log(
+        f"{pretrained.name}: multitask base on {sorted(base_data)}: mean validation accuracy "
+        f"{mt.val_accuracy:.3f} ({how})"
+    )
+    return start.with_base(base="multitask", state=mt.body, tag=f"multitask:{mt.key}")
+
+
+def _run_key(cfg: EvalConfig, family: ExpertFamily, seed: int) -> str:
+    from weightmerge.eval import cache as cache_lib
+
+    data = cfg.model_dump(
+        mode="json",
+        exclude={
+            "output_dir",
+            "cache_dir",
+            "models",
+            "model",
+            "bases",
+            "seeds",
+            "threads",
+            "name",
+            "reuse_runs",
+        },
+    )
+    return cache_lib.content_key(
+        {"kind": "run", "version": RUN_VERSION, "config": data, "model": family.fingerprint, "seed": seed}
+    )
+
+
+def run_cell(
+    cfg: EvalConfig, family: ExpertFamily, *, cache: Path, progress: bool, log: Log
+) -> list[dict[str, Any]]:
+    """Every seed of one (model, base) cell; each seed's result is cached (resumable)."""
+    from weightmerge.eval import cache as cache_lib
+
+    per_seed = []
+    for seed in cfg.seeds:
+        path = cache / "runs" / f"{family.name}-{family.base}-{seed}-{_run_key(cfg, family, seed)[:20]}.json"
+        if cfg.reuse_runs and path.exists():
+            result = cache_lib.load_json(path)
+            result["cached_run"] = True
+            log(f"{family.name} / {family.base} / seed {seed}: cached run")
+            per_seed.append(result)
+            continue
+        ts = time.perf_counter()
+        ctx = prepare_seed(cfg, family, seed, cache_dir=cache, progress=progress, log=log)
+        prepared = time.perf_counter() - ts
+        result = run_seed(ctx, log=log)
+        result["seconds"]["experts"] = prepared
+        result["seconds"]["total"] = time.perf_counter() - ts
+        cache_lib.save_json(path, result)
+        result["cached_run"] = False
+        per_seed.append(result)
+    return per_seed
+
+
 def run_eval(
     cfg: EvalConfig,
     *,
@@ -632,8 +849,10 @@ def run_eval(
     log: Log = _stderr,
     command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole benchmark and return the report dict (see ``weightmerge.eval.report``)."""
-    from weightmerge.eval.report import aggregate
+    """Run the whole benchmark or study and return the report dict (``weightmerge.eval.report``):
+    one *cell* per (model, base); with a single cell, ``per_seed`` and ``summary`` are its own."""
+    from weightmerge.eval.config import model_list
+    from weightmerge.eval.report import aggregate, flat_rows
 
     started = time.time()
     t0 = time.perf_counter()
@@ -642,18 +861,33 @@ def run_eval(
     if hint:
         log(hint)
     cache = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
-    encoder = load_encoder(cfg.model, cache_dir=cache)
-    per_seed = []
-    for seed in cfg.seeds:
-        ts = time.perf_counter()
-        ctx = prepare_seed(cfg, encoder, seed, cache_dir=cache, progress=progress, log=log)
-        prepared = time.perf_counter() - ts
-        result = run_seed(ctx, log=log)
-        result["seconds"]["experts"] = prepared
-        result["seconds"]["total"] = time.perf_counter() - ts
-        per_seed.append(result)
-    man = manifest(cfg, encoder, started=started, command=command)
+    cells = []
+    families = []
+    for model in model_list(cfg):
+        pretrained = load_family(model, cache_dir=cache, image_size=cfg.image_size)
+        families.append(pretrained)
+        for base in cfg.bases:
+            tc = time.perf_counter()
+            family = make_base(cfg, pretrained, base, cache_dir=cache, progress=progress, log=log)
+            per_seed = run_cell(cfg, family, cache=cache, progress=progress, log=log)
+            cells.append(
+                {
+                    "model": model,
+                    "base": base,
+                    "n_parameters": n_parameters(family.base_state),
+                    "family": family.describe(),
+                    "fingerprint": family.fingerprint,
+                    "per_seed": per_seed,
+                    "summary": aggregate(cfg, per_seed),
+                    "seconds": time.perf_counter() - tc,
+                }
+            )
+    man = manifest(cfg, families, started=started, command=command)
     man["seconds"] = time.perf_counter() - t0
     man["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     man["cache_dir"] = str(cache)
-    return {"manifest": man, "per_seed": per_seed, "summary": aggregate(cfg, per_seed)}
+    report: dict[str, Any] = {"manifest": man, "cells": cells, "rows": flat_rows(cells)}
+    if len(cells) == 1:
+        report["per_seed"] = cells[0]["per_seed"]
+        report["summary"] = cells[0]["summary"]
+    return report

@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from weightmerge.eval import cache
-from weightmerge.eval.model import Classifier, Encoded, Encoder, collate, head_from_state
+from weightmerge.eval.family import ExpertFamily, Split
+from weightmerge.eval.model import Classifier, head_from_state
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,14 @@ class StatsSettings:
                 raise ValueError(f"stats setting {name} must be >= 1, got {getattr(self, name)}")
 
 
-def _batches(enc: Encoded, *, examples: int, batch_size: int) -> Iterator[list[int]]:
+def _batches(enc: Split, *, examples: int, batch_size: int) -> Iterator[list[int]]:
     n = min(examples, len(enc))
     for s in range(0, n, batch_size):
         yield list(range(s, min(n, s + batch_size)))
 
 
 def fisher_diagonal(
-    model: Classifier, data: Encoded, *, examples: int, batch_size: int, progress: bool = False
+    model: Classifier, data: Split, *, examples: int, batch_size: int, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the body parameters of ``model`` (see the module docstring)."""
     if len(data) == 0:
@@ -65,8 +66,8 @@ def fisher_diagonal(
     count = 0
     batches = list(_batches(data, examples=examples, batch_size=batch_size))
     for index in tqdm(batches, desc="fisher", disable=not progress, leave=False):
-        ids, mask, _ = collate(data, index)
-        logits = model(ids, mask)
+        inputs, _ = data.batch(index)
+        logits = model(*inputs)
         logp = torch.log_softmax(logits, dim=-1)
         objective = (logp.detach().exp().sqrt() * logp).sum()
         grads = torch.autograd.grad(objective, [p for _, p in params], allow_unused=True)
@@ -78,7 +79,7 @@ def fisher_diagonal(
 
 
 def gram_matrices(
-    body: nn.Module, data: Encoded, *, examples: int, batch_size: int, progress: bool = False
+    body: nn.Module, data: Split, *, examples: int, batch_size: int, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Input Gram matrices X^T X / rows of every nn.Linear in ``body`` (see the module docstring)."""
     if len(data) == 0:
@@ -91,8 +92,8 @@ def gram_matrices(
     def hook_for(name: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
-            mask = current_mask[0]
-            if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            mask = current_mask[0] if current_mask else None
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.bool()]  # (real tokens, features)
             else:
                 x = x.reshape(-1, x.shape[-1])
@@ -114,9 +115,10 @@ def gram_matrices(
         batches = list(_batches(data, examples=examples, batch_size=batch_size))
         with torch.inference_mode():
             for index in tqdm(batches, desc="regmean gram", disable=not progress, leave=False):
-                ids, mask, _ = collate(data, index)
-                current_mask[:] = [mask]
-                body(input_ids=ids, attention_mask=mask)
+                inputs, _ = data.batch(index)
+                mask = data.row_mask(inputs)
+                current_mask[:] = [] if mask is None else [mask]
+                data.pool(body, *inputs)
     finally:
         for h in handles:
             h.remove()
@@ -134,10 +136,10 @@ def _stats_path(directory: Path, kind: str, settings: StatsSettings, expert_key:
 def load_or_compute(
     kind: str,
     *,
-    encoder: Encoder,
+    encoder: ExpertFamily,
     body: dict[str, torch.Tensor],
     head: dict[str, torch.Tensor],
-    data: Encoded,
+    data: Split,
     settings: StatsSettings,
     expert_key: str,
     directory: Path,
@@ -152,7 +154,7 @@ def load_or_compute(
     net = encoder.new_body(body)
     if kind == "fisher":
         stats = fisher_diagonal(
-            Classifier(net, head_from_state(head)),
+            Classifier(net, head_from_state(head), pool=data.pool),
             data,
             examples=settings.fisher_examples,
             batch_size=settings.batch_size,

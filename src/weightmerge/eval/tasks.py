@@ -31,6 +31,7 @@ import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 Example = tuple[str, int]  # (text, label index)
 
@@ -239,6 +240,21 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "wordnet_noun_b_usage": ("wordnet", "build_noun_b_usage"),
     "wordnet_verb_usage": ("wordnet", "build_verb_usage"),
     "wordnet_adj_type": ("wordnet", "build_adj_type"),
+    # image tasks (weightmerge.eval.data.pictures; docs/tasks.md, "Image tasks")
+    "fashion_mnist": ("pictures", "build_fashion_mnist"),
+    "animal_mnist": ("pictures", "build_animal_mnist"),
+    "glyph_digits": ("pictures", "build_glyph_digits"),
+    "glyph_letters": ("pictures", "build_glyph_letters"),
+    "glyph_typeface": ("pictures", "build_glyph_typeface"),
+    "glyph_rotation": ("pictures", "build_glyph_rotation"),
+    "icons": ("pictures", "build_icons"),
+    "shapes": ("pictures", "build_shapes"),
+    "sklearn_digits": ("pictures", "build_sklearn_digits"),
+    "glyph_lowercase": ("pictures", "build_glyph_lowercase"),
+    "glyph_greek": ("pictures", "build_glyph_greek"),
+    "glyph_cyrillic": ("pictures", "build_glyph_cyrillic"),
+    "glyph_symbols": ("pictures", "build_glyph_symbols"),
+    "icons_b": ("pictures", "build_icons_b"),
 }
 
 BUILTIN_HELD_IN: tuple[str, ...] = (
@@ -252,12 +268,26 @@ BUILTIN_HELD_IN: tuple[str, ...] = (
     "tweet_source",
 )
 BUILTIN_HELD_OUT: tuple[str, ...] = ("vader_words", "wordnet_verb_usage", "wordnet_noun_b_usage")
+VISION_HELD_IN: tuple[str, ...] = (
+    "fashion_mnist",
+    "animal_mnist",
+    "glyph_digits",
+    "glyph_letters",
+    "glyph_typeface",
+    "glyph_rotation",
+    "icons",
+    "shapes",
+)
+VISION_HELD_OUT: tuple[str, ...] = ("sklearn_digits", "glyph_lowercase", "glyph_greek")
+# the mixture a `multitask` base is trained on (and BatchNorm statistics are estimated on):
+# disjoint from the held-in and held-out image tasks
+VISION_BASE_TASKS: tuple[str, ...] = ("glyph_cyrillic", "glyph_symbols", "icons_b")
 
 
-def _lazy_builder(module: str, attr: str) -> Callable[..., Task]:
-    def build(*, seed: int, n_train: int, n_val: int, n_test: int) -> Task:
+def _lazy_builder(module: str, attr: str) -> Callable[..., Any]:
+    def build(*, seed: int, n_train: int, n_val: int, n_test: int) -> Any:
         fn = getattr(importlib.import_module(f"weightmerge.eval.data.{module}"), attr)
-        task: Task = fn(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
+        task = fn(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
         return task
 
     build.__name__ = attr
@@ -292,7 +322,7 @@ def available_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_task(name: str, *, seed: int = 0, n_train: int = 600, n_val: int = 200, n_test: int = 400) -> Task:
+def build_task(name: str, *, seed: int = 0, n_train: int = 600, n_val: int = 200, n_test: int = 400) -> Any:
     """Build a registered task's splits (sizes are totals over all classes, balanced across them)."""
     if name not in _REGISTRY:
         from weightmerge.methods._params import did_you_mean
@@ -303,8 +333,12 @@ def build_task(name: str, *, seed: int = 0, n_train: int = 600, n_val: int = 200
     sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
     _check_sizes(name, sizes)
     task = _REGISTRY[name](seed=seed, **sizes)
-    if not isinstance(task, Task):
-        raise TypeError(f"builder of task {name!r} returned {type(task).__name__}, not a Task")
+    from weightmerge.eval.images import ImageTask
+
+    if not isinstance(task, (Task, ImageTask)):
+        raise TypeError(
+            f"builder of task {name!r} returned {type(task).__name__}, not a Task or an ImageTask"
+        )
     if task.name != name:
         raise ValueError(f"builder registered as {name!r} returned a task named {task.name!r}")
     got = {"n_train": len(task.train), "n_val": len(task.validation), "n_test": len(task.test)}

@@ -19,10 +19,10 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from weightmerge.eval import cache
 from weightmerge.eval.evaluate import head_accuracy, labels_of, pooled_features
-from weightmerge.eval.model import Classifier, Encoded, Encoder, body_state, collate, new_head
+from weightmerge.eval.family import ExpertFamily, Split
+from weightmerge.eval.model import Classifier, body_state, new_head
 
 # Bump when the training code changes in a way that changes the weights (part of every expert key).
 RECIPE_VERSION = 1
@@ -139,11 +140,11 @@ def _eval_steps(steps_per_epoch: int, epochs: int, per_epoch: int) -> dict[int, 
 
 
 def fine_tune(
-    encoder: Encoder,
+    encoder: ExpertFamily,
     *,
     n_classes: int,
-    train: Encoded,
-    validation: Encoded,
+    train: Split,
+    validation: Split,
     settings: TrainSettings,
     seed: int,
     desc: str = "fine-tune",
@@ -156,7 +157,7 @@ def fine_tune(
         torch.manual_seed(seed)
         body = encoder.new_body()
         head = new_head(encoder.hidden_size, n_classes, seed=seed)
-        model = Classifier(body, head)
+        model = Classifier(body, head, pool=train.pool)
         opt = torch.optim.AdamW(
             [
                 {"params": list(body.parameters()), "lr": settings.lr},
@@ -173,7 +174,7 @@ def fine_tune(
         eval_at = _eval_steps(steps_per_epoch, settings.epochs, settings.evals_per_epoch)
         val_labels = labels_of(validation)
         order_gen = torch.Generator().manual_seed(seed)
-        lengths = [len(x) for x in train.ids]
+        lengths = train.lengths()
         best_acc = -1.0
         best_body: dict[str, torch.Tensor] = {}
         best_head: dict[str, torch.Tensor] = {}
@@ -187,8 +188,9 @@ def fine_tune(
                 lengths, batch_size=settings.batch_size, bucket=settings.bucket, generator=order_gen
             ):
                 model.train()
-                ids, mask, labels = collate(train, batch)
-                loss = nn.functional.cross_entropy(model(ids, mask), labels)
+                encoder.train_mode(body)
+                inputs, labels = train.batch(batch)
+                loss = nn.functional.cross_entropy(model(*inputs), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -218,13 +220,13 @@ def fine_tune(
 
 
 def load_or_train(
-    encoder: Encoder,
+    encoder: ExpertFamily,
     *,
     task: str,
     task_fingerprint: str,
     n_classes: int,
-    train: Encoded,
-    validation: Encoded,
+    train: Split,
+    validation: Split,
     settings: TrainSettings,
     seed: int,
     cache_dir: Path,
@@ -293,3 +295,197 @@ def load_or_train(
         key=key,
         directory=directory,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Multitask training: one body, one head per task (the multitask baseline and the multitask base)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultitaskModel:
+    """A body trained jointly on several tasks, with one head per task."""
+
+    tasks: tuple[str, ...]
+    body: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]]
+    val_accuracy: float  # mean over tasks of the validation accuracy, at the kept checkpoint
+    history: tuple[tuple[float, float], ...]
+    steps: int
+    seconds: float
+    cached: bool
+    key: str
+
+
+def multitask_schedule(
+    lengths: Mapping[str, list[int]], *, settings: TrainSettings, generator: torch.Generator
+) -> list[list[tuple[str, list[int]]]]:
+    """Per epoch, every task's batches of that epoch (as `epoch_batches` cuts them) shuffled
+    together: the joint model takes exactly as many steps as the experts do in all."""
+    epochs = []
+    for _ in range(settings.epochs):
+        items = [
+            (task, b)
+            for task in sorted(lengths)
+            for b in epoch_batches(
+                lengths[task], batch_size=settings.batch_size, bucket=settings.bucket, generator=generator
+            )
+        ]
+        order = torch.randperm(len(items), generator=generator).tolist()
+        epochs.append([items[i] for i in order])
+    return epochs
+
+
+def train_multitask(
+    family: ExpertFamily,
+    *,
+    tasks: Mapping[str, tuple[int, Split, Split]],
+    settings: TrainSettings,
+    seed: int,
+    desc: str = "multitask",
+    progress: bool = True,
+) -> tuple[
+    dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], float, tuple[tuple[float, float], ...], int
+]:
+    """Train one body with a head per task on the mixture of ``tasks`` ({name: (n_classes, train,
+    validation)}), with the expert recipe; keeps the checkpoint with the best mean validation
+    accuracy. Returns (body, heads, mean validation accuracy, history, steps taken)."""
+    names = sorted(tasks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        body = family.new_body()
+        heads = nn.ModuleDict(
+            {t: new_head(family.hidden_size, tasks[t][0], seed=derive_seed(seed, t)) for t in names}
+        )
+        pool = tasks[names[0]][1].pool
+        opt = torch.optim.AdamW(
+            [
+                {"params": list(body.parameters()), "lr": settings.lr},
+                {"params": list(heads.parameters()), "lr": settings.head_lr},
+            ],
+            weight_decay=settings.weight_decay,
+            fused=True,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        schedule = multitask_schedule(
+            {t: tasks[t][1].lengths() for t in names}, settings=settings, generator=gen
+        )
+        steps_per_epoch = len(schedule[0])
+        total = steps_per_epoch * settings.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _linear_schedule(total, math.ceil(settings.warmup_ratio * total))
+        )
+        eval_at = _eval_steps(steps_per_epoch, settings.epochs, settings.evals_per_epoch)
+        best = -1.0
+        best_body: dict[str, torch.Tensor] = {}
+        best_heads: dict[str, dict[str, torch.Tensor]] = {}
+        history: list[tuple[float, float]] = []
+        bad, step, stop = 0, 0, False
+        bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+        for epoch in schedule:
+            for task, batch in epoch:
+                body.train()
+                family.train_mode(body)
+                inputs, labels = tasks[task][1].batch(batch)
+                head = cast(nn.Linear, heads[task])
+                loss = nn.functional.cross_entropy(head(pool(body, *inputs)), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_([*body.parameters(), *heads.parameters()], settings.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                if step in eval_at:
+                    accs = []
+                    for t in names:
+                        val = tasks[t][2]
+                        lin = cast(nn.Linear, heads[t])
+                        h = {"weight": lin.weight.detach(), "bias": lin.bias.detach()}
+                        accs.append(head_accuracy(h, pooled_features(body, val), labels_of(val)))
+                    acc = sum(accs) / len(accs)
+                    history.append((round(eval_at[step], 4), acc))
+                    if acc > best:
+                        best, bad = acc, 0
+                        best_body = body_state(body)
+                        best_heads = {
+                            t: {
+                                "weight": cast(nn.Linear, heads[t]).weight.detach().clone(),
+                                "bias": cast(nn.Linear, heads[t]).bias.detach().clone(),
+                            }
+                            for t in names
+                        }
+                    else:
+                        bad += 1
+                        if bad >= settings.patience:
+                            stop = True
+                            break
+            if stop:
+                break
+        bar.close()
+    return best_body, best_heads, best, tuple(history), step
+
+
+def load_or_train_multitask(
+    family: ExpertFamily,
+    *,
+    tasks: Mapping[str, tuple[int, Split, Split]],
+    fingerprints: Mapping[str, str],
+    settings: TrainSettings,
+    seed: int,
+    cache_dir: Path,
+    progress: bool = True,
+    label: str = "multitask",
+) -> MultitaskModel:
+    """The multitask model of ``tasks`` from the cache, or trained now and cached."""
+    names = tuple(sorted(tasks))
+    key = cache.content_key(
+        {
+            "kind": "multitask",
+            "recipe": RECIPE_VERSION,
+            "tasks": {t: fingerprints[t] for t in names},
+            "model": family.fingerprint,
+            "settings": settings.as_dict(),
+            "seed": seed,
+        }
+    )
+    directory = Path(cache_dir) / "multitask" / f"{label}-{key[:20]}"
+    weights, meta_path = directory / "model.safetensors", directory / "meta.json"
+    if weights.exists() and meta_path.exists():
+        meta = cache.load_json(meta_path)
+        tensors = cache.load_tensors(weights)
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("head."):
+                task, part = k[5:].rsplit(".", 1)
+                heads.setdefault(task, {})[part] = v
+        return MultitaskModel(
+            tasks=names,
+            body={k[5:]: v for k, v in tensors.items() if k.startswith("body.")},
+            heads=heads,
+            val_accuracy=float(meta["val_accuracy"]),
+            history=tuple((float(a), float(b)) for a, b in meta["history"]),
+            steps=int(meta["steps"]),
+            seconds=float(meta["seconds"]),
+            cached=True,
+            key=key,
+        )
+    t0 = time.perf_counter()
+    body, heads, val, history, steps = train_multitask(
+        family, tasks=tasks, settings=settings, seed=seed, desc=label, progress=progress
+    )
+    seconds = time.perf_counter() - t0
+    tensors = {f"body.{k}": v for k, v in body.items()}
+    for t, h in heads.items():
+        tensors.update({f"head.{t}.{part}": v for part, v in h.items()})
+    cache.save_tensors(weights, tensors)
+    cache.save_json(
+        meta_path,
+        {"tasks": list(names), "model_fingerprint": family.fingerprint, "settings": settings.as_dict(),
+         "seed": seed, "val_accuracy": val, "history": [list(h) for h in history], "steps": steps,
+         "seconds": seconds},
+    )  # fmt: skip
+    return MultitaskModel(
+        tasks=names, body=body, heads=heads, val_accuracy=val, history=history, steps=steps, seconds=seconds,
+        cached=False, key=key,
+    )  # fmt: skip
