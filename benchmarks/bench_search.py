@@ -47,6 +47,64 @@ def _search_doc(args: argparse.Namespace, seed: int, **search: Any) -> dict[str,
     return {"merge_method": "pcb", "parameters": {"keep_ratio": 0.1, "lambda": 1.0}, "search": block}
 
 
+def synthetic_score(state: dict[str, Any], *, split: str, targets: str) -> dict[str, float]:
+    """Evaluator of the synthetic problem: minus the squared distance to a stored target."""
+    from safetensors.torch import load_file
+
+    t = load_file(targets)
+    err = sum(float(((state[k] - t[f"{split}.{k}"]) ** 2).sum()) for k in state)
+    return {"neg_sq_error": -err}
+
+
+def _synthetic_doc(args: argparse.Namespace) -> dict[str, Any]:
+    """Base + 4 experts of ``--synthetic`` parameters each (8 layers of 4 square matrices), written
+    once under the scratch folder; the target is the base plus 0.9, 1.1, 1.2, 0.8 times the task
+    vectors (validation) and that + 0.01 (test)."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = args.scratch / f"synthetic-{args.synthetic}"
+    side = max(8, int((args.synthetic / 32) ** 0.5))
+    names = [f"model.layers.{i}.w{j}.weight" for i in range(8) for j in range(4)]
+    if not (root / "targets.safetensors").exists():
+        g = torch.Generator().manual_seed(0)
+        base = {n: torch.randn(side, side, generator=g) for n in names}
+        tvs = [{n: 0.01 * torch.randn(side, side, generator=g) for n in names} for _ in range(4)]
+        for i, name in enumerate(["base", "e0", "e1", "e2", "e3"]):
+            sd = base if i == 0 else {n: base[n] + tvs[i - 1][n] for n in names}
+            (root / name).mkdir(parents=True, exist_ok=True)
+            save_file(sd, str(root / name / "model.safetensors"))
+        val = {
+            n: base[n] + sum(w * tv[n] for w, tv in zip((0.9, 1.1, 1.2, 0.8), tvs, strict=True))
+            for n in names
+        }
+        save_file(
+            {
+                **{f"validation.{n}": v for n, v in val.items()},
+                **{f"test.{n}": v + 0.01 for n, v in val.items()},
+            },
+            str(root / "targets.safetensors"),
+        )
+    return {
+        "merge_method": "pcb",
+        "base_model": str(root / "base"),
+        "models": [{"model": str(root / f"e{i}")} for i in range(4)],
+        "parameters": {"keep_ratio": 0.1, "lambda": 1.0},
+        "search": {
+            "evaluator": {
+                "python": "bench_search:synthetic_score",
+                "options": {"targets": str(root / "targets.safetensors")},
+            },
+            "objective": "neg_sq_error",
+            "optimizer": "cma",
+            "budget": args.budget,
+            "population": args.population,
+            "sigma": 0.3,
+            "space": [{"param": "lambda", "per_model": True, "low": 0.8, "high": 1.3}],
+        },
+    }
+
+
 def _run(doc: dict[str, Any], out: Path, **kw: Any) -> dict[str, Any]:
     from weightmerge.search import parse_search_config
     from weightmerge.search.runner import run_search
@@ -64,14 +122,16 @@ def _trace(s: dict[str, Any]) -> list[tuple[str, float]]:
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     settings = [(w, None) for w in args.workers] + ([(max(args.workers), "local")] if args.ray else [])
-    _run(_search_doc(args, args.seed, budget=1, population=1), args.scratch / "warm")  # experts cached
+    if args.synthetic:
+        doc = _synthetic_doc(args)
+    else:
+        _run(_search_doc(args, args.seed, budget=1, population=1), args.scratch / "warm")  # experts cached
+        doc = _search_doc(args, args.seed)
     reference: dict[str, Any] | None = None
     for workers, ray in settings:
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        s = _run(
-            _search_doc(args, args.seed), args.scratch / f"w{workers}-{ray}", workers=workers, ray_address=ray
-        )
+        s = _run(doc, args.scratch / f"w{workers}-{ray}", workers=workers, ray_address=ray)
         wall = time.perf_counter() - t0
         if reference is None:
             reference = s
@@ -85,6 +145,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
                 "workers": workers,
                 "ray": ray,
                 "evaluations": n,
+                "startup_seconds": sec["startup"],
                 "loop_seconds": sec["loop"],
                 "evals_per_second": n / sec["loop"],
                 "merge_seconds": sec["merge"],
@@ -98,7 +159,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     return {
         "part": "scaling",
-        "benchmark": args.benchmark,
+        "benchmark": f"synthetic {args.synthetic}" if args.synthetic else args.benchmark,
         "budget": args.budget,
         "population": args.population,
         "cpu_count": os.cpu_count(),
@@ -159,14 +220,15 @@ def pcb(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     if result["part"] == "scaling":
         lines = [
-            "| workers | evaluations | loop s | eval/s | merge s | evaluate s | overhead "
+            "| workers | evaluations | start-up s | loop s | eval/s | merge s | evaluate s | overhead "
             "| load before -> after |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["runs"]:
             who = f"{r['workers']} (Ray local)" if r["ray"] else str(r["workers"])
             lines.append(
-                f"| {who} | {r['evaluations']} | {r['loop_seconds']:.1f} | {r['evals_per_second']:.3f} | "
+                f"| {who} | {r['evaluations']} | {r['startup_seconds']:.1f} | {r['loop_seconds']:.1f} | "
+                f"{r['evals_per_second']:.3f} | "
                 f"{r['merge_seconds']:.1f} | {r['evaluate_seconds']:.1f} | {100 * r['overhead']:.1f} % | "
                 f"{r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |"
             )
@@ -193,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["scaling", "pcb"])
     ap.add_argument("--benchmark", default="demo", help="built-in eval config or an eval YAML (its experts)")
+    ap.add_argument(
+        "--synthetic", type=int, help="scaling: random checkpoints of this many parameters instead"
+    )
     ap.add_argument("--train-size", type=int, help="override the config's training examples per task")
+    ap.add_argument("--val-size", type=int, help="with --train-size: validation examples per task")
     ap.add_argument("--cache-dir", help="expert cache (default: the eval harness's)")
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--population", type=int, default=6)
@@ -214,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = builtin_config(args.benchmark).model_dump(mode="json")
         doc["sizes"]["train"] = args.train_size
+        if args.val_size:
+            doc["sizes"]["validation"] = args.val_size
         args.scratch.mkdir(parents=True, exist_ok=True)
-        path = args.scratch / f"{args.benchmark}-train{args.train_size}.yaml"
+        path = args.scratch / f"{args.benchmark}-train{args.train_size}-val{args.val_size}.yaml"
         path.write_text(yaml.safe_dump(doc))
         args.benchmark = str(path)
     result = scaling(args) if args.part == "scaling" else pcb(args)

@@ -17,7 +17,8 @@ from weightmerge.io.atomic import atomic_output_dir, copy_tokenizer_files, remov
 
 
 def _siblings(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir())
+    """Entries next to the output, without the lock file a SIGKILLed run leaves (its lock is gone)."""
+    return sorted(p.name for p in parent.iterdir() if not p.name.endswith(".wm-lock"))
 
 
 def test_success_renames_into_place(tmp_path: Path) -> None:
@@ -111,10 +112,12 @@ def test_remove_stale_spares_live_pids(tmp_path: Path) -> None:
     other.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".out.wm-old-{dead.pid}-0a0b"
+    stale = tmp_path / f".out.wm-tmp-{dead.pid}-0a0b"
     stale.mkdir()
+    old = tmp_path / f".out.wm-old-{dead.pid}-0a0b"  # a set-aside old output: never deleted
+    old.mkdir()
     assert remove_stale(out) == [stale]
-    assert live.exists() and other.exists() and not stale.exists()
+    assert live.exists() and other.exists() and not stale.exists() and old.exists()
 
 
 def test_copy_tokenizer_files(tmp_path: Path) -> None:

@@ -42,16 +42,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = _terminate_on_signals()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("weightmerge: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"weightmerge: terminated by {err.name}; scratch files removed", file=sys.stderr)
+        return 128 + err.signum
     except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if args.verbose:
             raise
         print(f"weightmerge: error: {err}", file=sys.stderr)
         return 1
+    except (OSError, RecursionError, MemoryError) as err:  # disk full, read-only, too many files, ...
+        if args.verbose:
+            raise
+        print(f"weightmerge: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+    finally:
+        _restore_signals(previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so scratch directories are removed."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+def _terminate_on_signals() -> dict[int, object]:
+    """In the main thread: SIGTERM and SIGHUP raise ``Terminated`` (the default would kill the
+    process on the spot and leave a full-size scratch directory behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    import signal
+
+    for sig, h in previous.items():
+        signal.signal(sig, h)  # type: ignore[arg-type]
+
+
+def _os_error(err: BaseException) -> str:
+    """One line for an environment error: the system's words, the file, and a hint where one helps."""
+    import errno
+
+    if isinstance(err, RecursionError):
+        return "input nested too deeply (corrupted JSON or YAML?)"
+    if isinstance(err, MemoryError):
+        return "out of memory (try --max-memory)"
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror and text.startswith(f"[Errno {err.errno}] "):
+        text = text.removeprefix(f"[Errno {err.errno}] ")
+    if len(text) > 500:
+        text = text[:497] + "..."
+    hints = {
+        errno.ENOSPC: "free some space or choose another output",
+        errno.EROFS: "the output's file system is read-only: choose another output",
+        errno.EMFILE: "too many open files: raise `ulimit -n`",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "disk quota exceeded",
+    }
+    hint = hints.get(getattr(err, "errno", None) or -1)
+    return f"{text} ({hint})" if hint and hint not in text else text
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
         copy_tokenizer=not args.no_copy_tokenizer,
         device=args.device,
         allow_nonfinite=args.allow_nonfinite,
+        resume=args.resume,
     )
     report = merge_config(cfg, args.out, opts)
     if not args.quiet:
@@ -32,6 +33,11 @@ def _run(args: argparse.Namespace) -> int:
             f"on {report.extras.get('device', 'cpu')}) into {report.out} in {t.get('total_s', 0.0):.1f} s",
             file=sys.stderr,
         )
+        if report.extras.get("resumed_tensors"):
+            print(
+                f"resumed: {report.extras['resumed_tensors']} tensors were kept from the interrupted run",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -62,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--allow-nonfinite",
         action="store_true",
         help="merge NaN/infinite values instead of refusing them (they usually mean a broken checkpoint)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed merge to OUT from its scratch directory (same config and inputs; "
+        "refused otherwise); without an interrupted run, starts afresh",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

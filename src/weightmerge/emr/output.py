@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
+from weightmerge.emr import bits
 from weightmerge.emr.result import EMRResult, EMRTensor
 from weightmerge.emr.sources import base_identity
 from weightmerge.emr.writer import EMRArtifactWriter
 from weightmerge.io.base import TensorSource
 from weightmerge.io.output import OutputJob, OutputWriter, Rows
+from weightmerge.io.safetensors_format import nbytes, numel
 
 
 def task_names(paths: Sequence[str]) -> list[str]:
@@ -76,6 +78,8 @@ class _MemoryEMR:
     def __init__(self, job: OutputJob) -> None:
         self.job = job
         self.timings: dict[str, float] = {}
+        self.done: frozenset[str] = frozenset()
+        self.scratch_files: tuple[str, ...] = ()
         self.unified: dict[str, torch.Tensor] = {}
         self.masks: list[dict[str, torch.Tensor]] = [{} for _ in job.models]
 
@@ -104,6 +108,8 @@ class _DirectoryEMR:
     def __init__(self, job: OutputJob, directory: Path, shard_size: int) -> None:
         base = _base_of(job)
         self.timings: dict[str, float] = {}
+        self.done: frozenset[str] = frozenset()
+        self.scratch_files: tuple[str, ...] = ()
         t0 = time.perf_counter()
         identity = base_identity(base)
         self.timings["base_identity_s"] = time.perf_counter() - t0
@@ -159,6 +165,13 @@ class EMRArtifactOutput:
     """EMR's output: an :class:`EMRResult` in memory, an artifact directory on disk."""
 
     kind: str = "emr-artifact"
+    resumable: bool = False
+
+    def planned_bytes(self, job: OutputJob) -> int:
+        """The unified vector plus one bit per merged parameter and task."""
+        merged = job.merged
+        unified = sum(nbytes(t.shape, t.out_dtype) for t in merged)
+        return unified + len(job.models) * sum(bits.packed_size(numel(t.shape)) for t in merged)
 
     def in_memory(self, job: OutputJob) -> OutputWriter:
         return _MemoryEMR(job)

@@ -46,6 +46,7 @@ from weightmerge.emr.writer import (
     RESCALES,
     file_sha256,
 )
+from weightmerge.io._common import inside_model
 from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
 from weightmerge.io.safetensors_format import dtype_code, numel, read_header
@@ -120,8 +121,19 @@ class EMRArtifact:
             self.per_task: list[dict[str, Any]] = m["per_task"]
             self.mask_files: list[str] = m["mask_files"]
             self.files: dict[str, dict[str, Any]] = m["files"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(f"{mpath}: malformed manifest ({err!r})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ArtifactError(f"{mpath}: malformed manifest ({_excerpt(err)})") from None
+        try:
+            self._validate(mpath)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise ArtifactError(f"{mpath}: malformed manifest ({_excerpt(err)})") from None
+        self._handles: dict[str, Any] = {}
+        self._verified: set[str] = set()
+        self._switch: weakref.WeakKeyDictionary[Any, _SwitchState] = weakref.WeakKeyDictionary()
+
+    def _validate(self, mpath: Path) -> None:
         n = len(self.tasks)
         if not (len(self.rescalers) == len(self.mask_files) == len(self.per_task) == n) or n == 0:
             raise ArtifactError(
@@ -134,12 +146,11 @@ class EMRArtifact:
         if bad:
             raise ArtifactError(f"{mpath}: rescaler {bad[0]!r} is not a finite non-negative number")
         if not self.compute_dtype.is_floating_point:
-            raise ArtifactError(f"{mpath}: compute_dtype {m['compute_dtype']!r} is not a floating dtype")
+            raise ArtifactError(
+                f"{mpath}: compute_dtype {self.manifest['compute_dtype']!r} is not a floating dtype"
+            )
         self._check_names(mpath)
         self._check_files()
-        self._handles: dict[str, Any] = {}
-        self._verified: set[str] = set()
-        self._switch: weakref.WeakKeyDictionary[Any, _SwitchState] = weakref.WeakKeyDictionary()
 
     # -- validation --------------------------------------------------------------------------
 
@@ -716,13 +727,17 @@ def _copy_side_files(a: EMRArtifact, i: int, src: TensorSource, out: Path) -> No
     if cfg:  # a name checked inside the artifact and its sha256 verified (task_files) before use
         a.verify_files([cfg])
         shutil.copyfile(a.path / cfg, out / "config.json")
-    elif base_dir is not None and (base_dir / "config.json").is_file():
+    elif (
+        base_dir is not None
+        and (base_dir / "config.json").is_file()
+        and inside_model(base_dir / "config.json", base_dir)
+    ):
         shutil.copyfile(base_dir / "config.json", out / "config.json")
     elif src.config is not None:
         (out / "config.json").write_text(json.dumps(src.config, indent=2) + "\n")
     if base_dir is not None:
         for f in SIDE_FILES:
-            if (base_dir / f).is_file():
+            if (base_dir / f).is_file() and inside_model(base_dir / f, base_dir):
                 shutil.copyfile(base_dir / f, out / f)
         copy_tokenizer_files(base_dir, out)
 

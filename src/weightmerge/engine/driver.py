@@ -48,6 +48,7 @@ class MergeInputs:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the math runs
     labels: Sequence[str] | None = None  # model names for error messages (default "model i")
     allow_nonfinite: bool = False  # merge NaN/Inf inputs (and outputs) instead of refusing them
+    skip_apply: frozenset[str] = frozenset()  # already written by an interrupted run (--resume)
     _finite_checked: set[tuple[str, Rows]] = field(default_factory=set)
 
 
@@ -523,7 +524,12 @@ def run_merge(
     for requests in method.passes(inp.model_params):
         _run_pass(inp, method, requests, stats, captures)
     captures.clear()
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=method.is_row_chunkable(inp.model_params)):
+    apply_inp = inp
+    if inp.skip_apply:  # statistics above saw every tensor; the results of these are on disk already
+        apply_inp = dataclasses.replace(inp, names=[n for n in inp.names if n not in inp.skip_apply])
+    for name, rows, base, x in _iter_loaded(
+        apply_inp, method, chunked=method.is_row_chunkable(inp.model_params)
+    ):
         if inp.progress:
             inp.progress("apply", name)
         out = method.apply(_ctx(inp, name, rows, base, x, stats))

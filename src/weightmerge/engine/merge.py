@@ -8,6 +8,8 @@ pass into the writer -> finish (the writer's files; then tokenizer, model card, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -39,6 +41,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
     allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
+    resume: bool = False  # continue a killed merge from its scratch directory (same config and inputs)
 
 
 @dataclass
@@ -112,6 +115,34 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
     return OpenedInputs(cfg, base, models, plan)
 
 
+def merge_identity(cfg: MergeConfig, opts: MergeOptions, device: str) -> dict[str, Any]:
+    """What a merge's output depends on: the resolved config, the options that change the bytes
+    written, and every input file's path, size and modification time. ``key`` hashes it all."""
+    from weightmerge.version import __version__
+
+    inputs = []
+    for p in input_paths(cfg):
+        files = [Path(p)] if not os.path.isdir(p) else sorted(q for q in Path(p).iterdir() if q.is_file())
+        for f in files:
+            st = f.stat()
+            inputs.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    ident: dict[str, Any] = {
+        "weightmerge": __version__,
+        "config_sha256": hashlib.sha256(
+            json.dumps(cfg.resolved(), sort_keys=True, default=str).encode()
+        ).hexdigest(),
+        "options": {
+            "shard_size": opts.shard_size,
+            "allow_nonfinite": opts.allow_nonfinite,
+            "max_memory": opts.max_memory,
+            "device": device,
+        },
+        "inputs": inputs,
+    }
+    ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return ident
+
+
 def input_paths(cfg: MergeConfig) -> list[str]:
     """Every path the merge reads: models, adapters, statistics folders, the tokenizer folder."""
     refs = ([cfg.base_model] if cfg.base_model is not None else []) + [e.model for e in cfg.models]
@@ -137,7 +168,13 @@ def merge_config(
     cfg: MergeConfig, out: str | os.PathLike[str], options: MergeOptions | None = None
 ) -> MergeReport:
     from weightmerge.device import resolve_device
-    from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
+    from weightmerge.io.atomic import (
+        RESUME_FILE,
+        atomic_output_dir,
+        check_free_space,
+        check_output_clear,
+        copy_tokenizer_files,
+    )
 
     opts = options or MergeOptions()
     device = resolve_device(opts.device)  # a bad choice fails before anything is read
@@ -147,19 +184,29 @@ def merge_config(
     t0 = time.perf_counter()
     inputs = open_and_plan(cfg, max_memory=opts.max_memory)
     plan = inputs.plan
+    output = plan.method.output
     timings: dict[str, float] = {"plan_s": time.perf_counter() - t0}
     extras: dict[str, Any] = {"device": str(device)}
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    if opts.resume and not output.resumable:
+        inputs.close()
+        raise ValueError(
+            f"--resume is not supported for merge_method {plan.method.name} (its output, {output.kind}, "
+            "cannot be resumed); rerun without it"
+        )
+    identity = merge_identity(cfg, opts, str(device))
     try:
-        with atomic_output_dir(out, force=opts.force) as tmp:
+        check_free_space(out, output.planned_bytes(inputs.job()))
+        with atomic_output_dir(out, force=opts.force, identity=identity, resume=opts.resume) as tmp:
             tmp = Path(tmp)
-            writer = plan.method.output.to_directory(inputs.job(), tmp, shard_size=opts.shard_size)
+            writer = output.to_directory(inputs.job(), tmp, shard_size=opts.shard_size)
             try:
                 outcome, t = stream_merge(
                     plan,
                     inputs.base,
                     inputs.models,
                     writer=writer,
+                    skip_apply=writer.done,
                     seed=cfg.seed,
                     quiet=opts.quiet,
                     prefetch=opts.prefetch,
@@ -179,6 +226,8 @@ def merge_config(
             if cfg.chat_template and not (tmp / "chat_template.jinja").exists():
                 resolved["chat_template"] = cfg.chat_template
             (tmp / "weightmerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            for scratch in (*writer.scratch_files, RESUME_FILE):  # bookkeeping of --resume: not output
+                (tmp / scratch).unlink(missing_ok=True)
             (tmp / "README.md").write_text(
                 model_card(
                     method=plan.method,

@@ -143,6 +143,12 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def _tied_alias(src: TensorSource, name: str) -> str | None:
+    """The embedding a missing output head is read from, when the model ties them; never when its
+    config says ``tie_word_embeddings: false`` (the head is then missing, not tied)."""
+    from weightmerge.io.tied import tie_flag
+
+    if tie_flag(getattr(src, "config", None)) is False:
+        return None
     keys = set(src.keys())
     for tied, emb in TIED_PAIRS:
         if name == tied and emb in keys:
@@ -213,6 +219,8 @@ def match_tensors(
     aliases: list[dict[str, str]] = [{} for _ in models]
     notes: list[str] = []
 
+    from weightmerge.io.tied import tie_flag
+
     for i, m in enumerate(models):
         mkeys = set(m.keys())
         extra = sorted(mkeys - ref_set)
@@ -225,8 +233,16 @@ def match_tensors(
         for name in sorted(ref_set - mkeys):
             alias = _tied_alias(m, name)
             if alias is None:
+                untied = (
+                    any(name == t for t, _e in TIED_PAIRS) and tie_flag(getattr(m, "config", None)) is False
+                )
                 raise ValueError(
                     f"model {m.path} lacks tensor {name!r} that the {ref_label} has{_where(ref, name)}"
+                    + (
+                        "; its config says tie_word_embeddings: false, so it is not read from the embedding"
+                        if untied
+                        else ""
+                    )
                 )
             aliases[i][name] = alias
             notes.append(f"model {m.path}: {name} read from tied {alias}")
@@ -243,6 +259,13 @@ def match_tensors(
                 )
         is_float = rinfo.dtype.is_floating_point and all(i.dtype.is_floating_point for i in infos)
         if not is_float:
+            for m, info in zip(models, infos, strict=True):
+                if info.dtype.is_floating_point != rinfo.dtype.is_floating_point:
+                    raise ValueError(
+                        f"tensor {name!r} is {str(info.dtype).replace('torch.', '')} in {info.file} (model "
+                        f"{m.path}) but {str(rinfo.dtype).replace('torch.', '')} in {rinfo.file}: one is "
+                        "floating point and the other is not"
+                    )
             tensors.append(TensorPlan(name, tuple(rinfo.shape), rinfo.dtype, "copy", "not floating point"))
             continue
         odt = out_dtype or rinfo.dtype

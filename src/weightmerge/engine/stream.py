@@ -92,6 +92,7 @@ def stream_merge(
     prefetch: bool = True,
     device: torch.device | None = None,
     allow_nonfinite: bool = False,
+    skip_apply: frozenset[str] = frozenset(),
 ) -> tuple[MergeOutcome, dict[str, float]]:
     """Run ``plan``: the statistics passes, then the apply pass into ``writer.write`` (each merged
     tensor or row chunk, in the compute dtype, on ``device``, default the CPU). Copied tensors are
@@ -151,6 +152,7 @@ def stream_merge(
         device=device if device is not None else torch.device("cpu"),
         labels=[f"model {i} ({m.path})" for i, m in enumerate(models)],
         allow_nonfinite=allow_nonfinite,
+        skip_apply=skip_apply,
     )
     t1 = time.perf_counter()
     try:

@@ -16,12 +16,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 TMP_TAG = "wm-tmp"
 OLD_TAG = "wm-old"
@@ -57,8 +59,10 @@ def _scratch_name(out: Path, tag: str) -> Path:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove scratch directories of ``out`` left by dead processes; returns what was removed."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{TMP_TAG}|{OLD_TAG})-(\d+)-[0-9a-f]+$")
+    """Remove scratch directories of ``out`` left by dead processes; returns what was removed.
+    A set-aside old output (``wm-old``) is never removed: it may be the only copy of the user's
+    previous output (a crash between the two renames of a non-exchanging replace)."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-(\d+)-[0-9a-f]+$")
     removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
@@ -124,26 +128,179 @@ def _install(tmp: Path, out: Path, *, force: bool) -> None:
     _remove(old)
 
 
+RESUME_FILE = "wm-resume.json"
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike[str], *, force: bool) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    identity: Mapping[str, Any] | None = None,
+    resume: bool = False,
+) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds (see the module
-    docstring). ``FileExistsError`` up front when ``out`` exists and not ``force``."""
+    docstring). ``FileExistsError`` up front when ``out`` exists and not ``force``.
+
+    ``identity`` (JSON-able, with a ``key``) is recorded in the scratch directory as
+    ``RESUME_FILE``; with ``resume`` a scratch directory of a dead run whose identity has the same
+    key is taken over instead of starting afresh (one of another identity is refused, naming what
+    differs). The caller removes ``RESUME_FILE`` and its own journal before the block ends."""
     out = Path(out).absolute()
     if os.path.lexists(out) and not force:
         raise FileExistsError(f"output {out} already exists (pass force to replace it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"parent directory of output {out} does not exist")
-    remove_stale(out)
-    tmp = _scratch_name(out, TMP_TAG)
-    tmp.mkdir()
+    with output_lock(out):
+        tmp = _claim_scratch(out, identity) if resume and identity is not None else None
+        remove_stale(out)
+        if tmp is None:
+            tmp = _scratch_name(out, TMP_TAG)
+            tmp.mkdir()
+        try:
+            if identity is not None:
+                (tmp / RESUME_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+            yield tmp
+            _fsync_tree(tmp)
+            _install(tmp, out, force=force)
+            fsync_dir(out.parent)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _claim_scratch(out: Path, identity: Mapping[str, Any]) -> Path | None:
+    """The scratch directory of a dead run of the same identity, renamed to this process's name
+    (so no other run takes it as stale); None when there is none. A dead run's scratch directory
+    of another identity is refused with what differs."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-(\d+)-[0-9a-f]+$")
+    refused: list[str] = []
+    if not out.parent.is_dir():
+        return None
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            recorded = json.loads((entry / RESUME_FILE).read_text())
+        except (OSError, ValueError):
+            refused.append(f"{entry} records no identity")
+            continue
+        if isinstance(recorded, dict) and recorded.get("key") == identity.get("key"):
+            mine = _scratch_name(out, TMP_TAG)
+            os.rename(entry, mine)
+            return mine
+        refused.append(f"{entry}: {_identity_difference(recorded, identity)}")
+    if refused:
+        raise ValueError(
+            f"cannot resume output {out}: the interrupted run's scratch directory belongs to another "
+            f"merge ({refused[0]}); run without --resume to start afresh"
+        )
+    return None
+
+
+def _identity_difference(recorded: Any, identity: Mapping[str, Any]) -> str:
+    if not isinstance(recorded, dict):
+        return "unreadable identity"
+    for key in sorted(set(recorded) | set(identity)):
+        if key == "key":
+            continue
+        a, b = recorded.get(key), identity.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            for x, y in zip(a, b, strict=False):
+                if x != y:
+                    return f"{key} differ: recorded {str(x)[:200]}, now {str(y)[:200]}"
+            return f"{key} differ: {len(a)} recorded, {len(b)} now"
+        return f"{key} differs: recorded {str(a)[:200]}, now {str(b)[:200]}"
+    return "its identity key differs"
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root`` and the directories themselves, so that after the
+    rename the small files (config, card, tokenizer) are as durable as the weights."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def check_free_space(out: str | os.PathLike[str], need: int) -> None:
+    """Refuse, before any work, an output whose file system has less free space than ``need``
+    bytes (the planned output size) plus a small margin; the disk would fill up mid-write."""
+    parent = Path(out).absolute().parent
     try:
-        yield tmp
-        fsync_dir(tmp)
-        _install(tmp, out, force=force)
-        fsync_dir(out.parent)
-    except BaseException:
-        _remove(tmp)
-        raise
+        st = os.statvfs(parent)
+    except OSError:
+        return  # nothing to measure (e.g. the parent is created later): the writes will tell
+    if st.f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, f"cannot write output {out}: {parent} is on a read-only file system")
+    free = st.f_bavail * st.f_frsize
+    margin = 64 << 10
+    if free < need + margin:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space for output {out}: it needs about {_size(need)}, "
+            f"{parent} has {_size(free)} free",
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+LOCK_TAG = "wm-lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on output ``out`` (``flock`` on ``.<name>.wm-lock`` next to it; the
+    kernel drops it when the process dies): a second merge to the same OUT is refused at once,
+    before any work, instead of learning at the end that OUT appeared meanwhile."""
+    import fcntl
+
+    out = Path(out).absolute()
+    path = out.parent / f".{out.name}.{LOCK_TAG}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise FileExistsError(
+                f"another weightmerge process (pid {holder or '?'}) is writing output {out}; "
+                "wait for it or choose another output"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file may have been unlinked by its previous holder between open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
 
 
 def _resolved_inputs(path: str | os.PathLike[str]) -> list[Path]:
@@ -178,19 +335,51 @@ def check_output_clear(out: str | os.PathLike[str], inputs: Sequence[str | os.Pa
 
 def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
     """Copy the tokenizer files of directory ``src`` into ``dst`` (names in TOKENIZER_FILES,
-    TOKENIZER_GLOBS, TOKENIZER_DIRS); returns the names copied. A missing ``src`` copies nothing."""
+    TOKENIZER_GLOBS, TOKENIZER_DIRS); returns the names copied. A missing ``src`` copies nothing.
+
+    Model folders are untrusted: a symlink is copied (as the file it names) only when it stays
+    inside the folder (or the Hugging Face cache's blobs); links leading elsewhere, links to
+    directories and special files are skipped with a warning on stderr, never followed."""
+    from weightmerge.io._common import inside_model, model_roots, warn
+
     src_p, dst_p = Path(src), Path(dst)
     if not src_p.is_dir():
         return []
-    names = {n for n in TOKENIZER_FILES if (src_p / n).is_file()}
+    names = {n for n in TOKENIZER_FILES if os.path.lexists(src_p / n)}
     for pattern in TOKENIZER_GLOBS:
-        names.update(p.name for p in src_p.glob(pattern) if p.is_file())
+        names.update(p.name for p in src_p.glob(pattern))
     copied = []
     for name in sorted(names):
-        shutil.copy2(src_p / name, dst_p / name)
-        copied.append(name)
-    for name in TOKENIZER_DIRS:
-        if (src_p / name).is_dir():
-            shutil.copytree(src_p / name, dst_p / name, dirs_exist_ok=True)
+        if inside_model(src_p / name, src_p):
+            shutil.copyfile(src_p / name, dst_p / name)
             copied.append(name)
+    roots = model_roots(src_p)
+    for name in TOKENIZER_DIRS:
+        d = src_p / name
+        if not d.is_dir():
+            continue
+        if d.is_symlink():
+            warn(f"not copying {d}: a link to a directory ({d.resolve()}) is never followed")
+            continue
+        _copy_tree_inside(d, dst_p / name, roots)
+        copied.append(name)
     return copied
+
+
+def _copy_tree_inside(src: Path, dst: Path, roots: Sequence[Path]) -> None:
+    """Copy the regular files under ``src`` (and links to files inside ``roots``); links to
+    directories and anything else are skipped with a warning."""
+    from weightmerge.io._common import warn
+
+    dst.mkdir(exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if entry.is_dir() or not target.is_file() or not any(target.is_relative_to(r) for r in roots):
+                warn(f"not copying {entry}: a link to {target}, outside the model folder or not a file")
+                continue
+            shutil.copyfile(entry, dst / entry.name)
+        elif entry.is_dir():
+            _copy_tree_inside(entry, dst / entry.name, roots)
+        elif entry.is_file():
+            shutil.copyfile(entry, dst / entry.name)

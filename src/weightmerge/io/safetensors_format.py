@@ -136,11 +136,17 @@ def _fail(path: str, msg: str) -> ValueError:
     return ValueError(f"safetensors file {path}: {msg}")
 
 
+def _short(value: Any, limit: int = 100) -> str:
+    """A bounded repr: header values come from untrusted files (up to 100 MB of JSON)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def _no_duplicates(path: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise _fail(path, f"the header lists {k!r} twice")
+            raise _fail(path, f"the header lists {_short(k)} twice")
         out[k] = v
     return out
 
@@ -150,29 +156,29 @@ def _is_count(v: Any) -> bool:
 
 
 def _entry(path: str, name: str, raw: Any, data_start: int) -> StoredTensor:
+    what = f"tensor {_short(name)}"
     if not isinstance(raw, dict):
-        raise _fail(path, f"header entry {name!r} is not an object")
+        raise _fail(path, f"header entry {_short(name)} is not an object")
     code, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if code not in ST_TO_TORCH:
+    if not isinstance(code, str) or code not in ST_TO_TORCH:
         raise _fail(
-            path,
-            f"tensor {name!r} has unsupported dtype {code!r} (supported: {', '.join(sorted(ST_TO_TORCH))})",
+            path, f"{what} has unsupported dtype {_short(code)} (supported: {', '.join(sorted(ST_TO_TORCH))})"
         )
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-        raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(path, f"{what} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"{what} has invalid data_offsets {_short(offsets)}")
     dtype = ST_TO_TORCH[code]
     want = nbytes(shape, dtype)
     if offsets[1] - offsets[0] != want:
         raise _fail(
             path,
-            f"tensor {name!r} ({code}, shape {shape}) needs {want} bytes but its data_offsets "
+            f"{what} ({code}, shape {_short(shape)}) needs {want} bytes but its data_offsets "
             f"{offsets} span {offsets[1] - offsets[0]}",
         )
     return StoredTensor(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -203,6 +209,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, StoredTensor], 
         )
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _fail(path, f"header is not valid JSON ({err}): corrupted or not a safetensors file") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply: corrupted or not a safetensors file") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop(METADATA, None) or {}
@@ -213,14 +221,17 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, StoredTensor], 
     for e in entries.values():
         if e.end > file_size:
             raise _fail(
-                path, f"truncated: tensor {e.name!r} ends at byte {e.end} but the file has {file_size} bytes"
+                path,
+                f"truncated: tensor {_short(e.name)} ends at byte {e.end} but the file has {file_size} bytes",
             )
     end, before = data_start, ""
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin < end:
-            raise _fail(path, f"tensors {before!r} and {e.name!r} overlap in the data buffer")
+            raise _fail(path, f"tensors {_short(before)} and {_short(e.name)} overlap in the data buffer")
         if e.begin > end:
-            raise _fail(path, f"a hole of {e.begin - end} bytes before tensor {e.name!r} in the data buffer")
+            raise _fail(
+                path, f"a hole of {e.begin - end} bytes before tensor {_short(e.name)} in the data buffer"
+            )
         end, before = e.end, e.name
     if end != file_size:
         raise _fail(path, f"{file_size - end} bytes after the last tensor's data")
@@ -270,6 +281,18 @@ class PositionedFile:
         except BaseException:
             self.close(fsync=False)
             raise
+
+    @classmethod
+    def existing(cls, path: str | os.PathLike[str]) -> PositionedFile:
+        """An existing file of the right layout, opened for positioned writes as it is."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR)
+        return self
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def pwrite(self, data: bytes | memoryview | np.ndarray, pos: int) -> None:
         if self._fd is None:

@@ -35,6 +35,13 @@ def _reason(err: Exception) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         return text[text.index(marker) + len(marker) :].strip().splitlines()[0]
+    # torch >= 2.6 (2.13 included) puts a generic preamble first and the reason in a later
+    # paragraph ("Trying to load unsupported GLOBAL posix.system ..."): keep that paragraph.
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    boiler = ("Weights only load failed", "Check the documentation of torch.load")
+    specific = [p for p in paragraphs if not p.startswith(boiler)]
+    if specific:
+        return specific[0] if len(specific[0]) <= 300 else specific[0][:297] + "..."
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 

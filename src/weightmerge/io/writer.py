@@ -112,6 +112,7 @@ class ShardedSafetensorsWriter:
         *,
         shard_size: int,
         metadata: Mapping[str, str] | None = None,
+        resume: bool = False,
     ) -> None:
         if sys.byteorder != "little":
             raise RuntimeError(
@@ -130,15 +131,21 @@ class ShardedSafetensorsWriter:
         self._done = False
         self._written: list[str] | None = None  # set by finalize()
         self.total_size = sum(nbytes(s, d) for _, s, d in specs)
+        self.resumed_files: list[str] = []  # shards kept from an interrupted run (resume=True)
         try:
             for k, group in enumerate(groups or [[]]):
-                self._open_shard(k, [specs[i] for i in group], meta)
+                self._open_shard(k, [specs[i] for i in group], meta, resume=resume)
         except BaseException:
             self.close()
             raise
 
     def _open_shard(
-        self, k: int, specs: list[tuple[str, tuple[int, ...], torch.dtype]], meta: dict[str, str]
+        self,
+        k: int,
+        specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+        meta: dict[str, str],
+        *,
+        resume: bool = False,
     ) -> None:
         order = sorted(range(len(specs)), key=lambda i: -itemsize(specs[i][2]))  # stable: given order kept
         slots = pack([specs[i] for i in order])
@@ -146,9 +153,14 @@ class ShardedSafetensorsWriter:
         for sl in slots:
             self._slots[sl.name] = _Slot(k, len(head) + sl.begin, sl.shape, sl.dtype)
         path = os.path.join(self.directory, self.files[k])
-        self._files.append(
-            PositionedFile(path, head, len(head) + (slots[-1].end if slots else 0), exclusive=False)
-        )
+        size = len(head) + (slots[-1].end if slots else 0)
+        if resume and _same_layout(path, head, size):
+            # an interrupted run's shard of exactly this layout: keep its bytes (the caller marks
+            # the tensors it knows complete with mark_written; the others are written again)
+            self._files.append(PositionedFile.existing(path))
+            self.resumed_files.append(self.files[k])
+            return
+        self._files.append(PositionedFile(path, head, size, exclusive=False))
 
     def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Store ``tensor`` as tensor ``name`` (or as its rows ``[start, stop)``): dtype and shape
@@ -192,6 +204,35 @@ class ShardedSafetensorsWriter:
             with self._lock:
                 self._inflight -= 1
                 self._lock.notify_all()
+
+    def mark_written(self, name: str) -> None:
+        """Record tensor ``name`` as completely written by an earlier, interrupted run whose shard
+        was kept (``resume=True``); its rows must not be written again."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor {name!r} is not in the output layout")
+        if self.files[slot.shard] not in self.resumed_files:
+            raise ValueError(
+                f"tensor {name!r}: its shard {self.files[slot.shard]} was not kept; cannot resume it"
+            )
+        with self._lock:
+            prog = self._progress[name]
+            prog.spans = [(0, slot.rows)]
+            prog.calls = max(prog.calls, 1)
+
+    def complete(self, name: str) -> bool:
+        """Whether every row of tensor ``name`` has been written."""
+        slot = self._slots[name]
+        with self._lock:
+            covered = sum(b - a for a, b in self._progress[name].spans)
+            return self._progress[name].calls > 0 and covered >= slot.rows
+
+    def sync(self) -> None:
+        """fsync the shard files written so far (what a resume may rely on after a power loss)."""
+        with self._lock:
+            files = list(self._files)
+        for f in files:
+            f.sync()
 
     def missing(self) -> dict[str, list[tuple[int, int]]]:
         """Tensors not completely written: name -> row ranges still missing."""
@@ -265,3 +306,14 @@ class ShardedSafetensorsWriter:
                 self.close()
         else:
             self.close()
+
+
+def _same_layout(path: str, head: bytes, size: int) -> bool:
+    """Whether ``path`` is a shard file with exactly this header and total size."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False

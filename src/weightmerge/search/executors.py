@@ -65,6 +65,11 @@ def _init_worker(template: Template, inputs: Inputs, factory: Any, threads: int)
     _WORKER.update(template=template, inputs=inputs, evaluator=factory.build())
 
 
+def _ping(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def _work(point: dict[str, Any]) -> dict[str, Any]:
     return evaluate_point(_WORKER["template"], _WORKER["inputs"], _WORKER["evaluator"], point)
 
@@ -85,6 +90,11 @@ class LocalPoolExecutor:
             initializer=_init_worker,
             initargs=(template, inputs, factory, threads),
         )
+        # start every worker now (imports, evaluator), so the first generation does not pay for it
+        for _ in range(20):
+            pids = {f.result() for f in [self._pool.submit(_ping, 0.05) for _ in range(workers)]}
+            if len(pids) == workers:
+                break
 
     def run(self, items: Sequence[Item], done: Done) -> list[dict[str, Any]]:
         from concurrent.futures import as_completed
@@ -112,6 +122,9 @@ class _RayWorker:
 
     def evaluate(self, point: dict[str, Any]) -> dict[str, Any]:
         return evaluate_point(self._template, self._inputs, self._evaluator, point)
+
+    def ready(self) -> bool:
+        return True
 
 
 def _ray_init(address: str, workers: int) -> Any:
@@ -150,6 +163,7 @@ class RayExecutor:
         ref = ray.put((inputs.base, inputs.models))  # once; each actor reads it once
         actor = ray.remote(num_cpus=1)(_RayWorker)
         self._actors = [actor.remote(template, ref, factory, threads) for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self._actors])  # started (inputs read, evaluator built)
 
     def run(self, items: Sequence[Item], done: Done) -> list[dict[str, Any]]:
         ray = self._ray

@@ -37,6 +37,7 @@ class History:
         self.header = {"kind": "header", **header}
         self.candidates: dict[int, dict[str, Any]] = {}
         self.default: dict[str, Any] | None = None
+        self.startup_seconds = 0.0  # starting the workers (not part of the history file)
 
     @classmethod
     def resume(cls, path: Path, header: Mapping[str, Any]) -> History:

@@ -223,9 +223,11 @@ def optimise(
 
     x0 = template.default_point()
     where = history.path or "the history"
+    t_start = time.perf_counter()
     executor = make_executor(
         template, inputs, factory, threads=block.threads, workers=workers, ray_address=ray_address
     )
+    history.startup_seconds = time.perf_counter() - t_start
     new_evals = 0
     t_loop = time.perf_counter()
     bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)
@@ -367,6 +369,7 @@ def finish(
         "workers": workers,
         "ray": ray_address,
         "seconds": {
+            "startup": history.startup_seconds,
             "loop": loop_seconds,
             "new_evaluations": new_evals,
             "merge": merge_s,
