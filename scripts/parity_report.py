@@ -7,9 +7,10 @@ re-implemented here): mergekit 0.1.5 as an installed oracle (called as in
 tests/test_mergekit_parity.py and tests/test_mergekit_extras.py), the literal references
 tests/ref_ties.py, tests/ref_pcb.py and tests/ref_emr.py, the literal references defined in
 tests/test_dare.py, tests/test_ties.py, tests/test_fisher.py, tests/test_regmean.py and
-tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``. Inputs come from the tests' own
-generators, on the tests' shapes plus larger ones ((64, 33), (3, 50, 7), (1000,) and a
-multi-tensor state dict for the global methods) where the tests' tolerances are scale-free.
+tests/test_mergekit_extras.py, and fusion-bench's ``emr_merge``, TSV-M, ``iso_c``, ``iso_cts``,
+``wudi_merging`` and ``DOGE_TA_Algorithm``. Inputs come from the tests' own generators, on the
+tests' shapes plus larger ones ((64, 33), (3, 50, 7), (1000,) and a multi-tensor state dict for
+the global methods) where the tests' tolerances are scale-free.
 
 Columns:
 
@@ -509,6 +510,100 @@ def group_emr_fusion_bench(rep: Report, quick: bool) -> None:
         rep.scalars("emr", f"{ref}: rescalers", F32, out.rescalers, rescalers.tolist(), rel(1e-5), case)
 
 
+def group_svd_fusion_bench(rep: Report, quick: bool) -> None:
+    """fusion-bench 0.2.33 TSV-M, Iso-C and Iso-CTS (tests/test_svd_methods.py), float64, on low-rank
+    + noise task vectors. Run in quick mode too: they are these methods' only reference."""
+    from fusion_bench.method.isotropic_merging import iso_utils
+    from fusion_bench.method.task_singular_vector.utils import TSVM_utils
+
+    import test_svd_methods as S
+    from weightmerge.api import merge_state_dicts
+
+    tol = close(S.ATOL, S.RTOL)
+    big = {"a.w": (64, 33), "b.w": (40, 80), "c.v": (3, 50, 7), "d.b": (1000,)}
+    for shapes in [S.SHAPES] + ([] if quick else [big]):
+        for n in [3] if quick else [2, 4]:
+            base, models = S.realistic(7 + n, n, shapes=shapes)
+            tvs = S.task_vectors(base, models)
+            case = f"{len(shapes)} tensors, {n} models"
+            w = [1.0, 0.5, 1.5, 0.8][:n]
+            got = merge_state_dicts(base, models, "tsv_m", {"weight": w, "lambda": 0.7}, compute_dtype=F64)
+            scaled = [{k: wi * v for k, v in tv.items()} for wi, tv in zip(w, tvs, strict=True)]
+            want = TSVM_utils.compute_and_sum_svd_mem_reduction(scaled, accelerator="cpu")
+            want = {k: base[k] + 0.7 * v for k, v in want.items()}
+            rep.tensors("tsv_m", "fusion-bench 0.2.33 TSV-M", F64, got, want, tol, case)
+            got = merge_state_dicts(base, models, "iso_c", {"lambda": 1.3}, compute_dtype=F64)
+            want = {k: base[k] + 1.3 * v for k, v in iso_utils.iso_c(tvs, accelerator="cpu").items()}
+            rep.tensors("iso_c", "fusion-bench 0.2.33 iso_c", F64, got, want, tol, case)
+            got = merge_state_dicts(base, models, "iso_cts", {"common_fraction": 0.6}, compute_dtype=F64)
+            want = iso_utils.iso_cts(tvs, common_space_fraction=0.6, accelerator="cpu")
+            want = {k: base[k] + v for k, v in want.items()}
+            rep.tensors("iso_cts", "fusion-bench 0.2.33 iso_cts", F64, got, want, tol, case)
+
+
+def group_consensus_cart(rep: Report, quick: bool) -> None:
+    """consensus_ta against fusion-bench 0.2.33's flat TALL-mask utilities, cart against the
+    literal reference of tests/test_consensus_cart.py; float64."""
+    from fusion_bench.method.tall_mask import utils as tall
+
+    import test_consensus_cart as C
+    import test_svd_methods as S
+    from weightmerge.api import merge_state_dicts
+
+    big = {"a.w": (64, 33), "b.w": (40, 80), "c.v": (3, 50, 7), "d.b": (1000,)}
+    for shapes in [S.SHAPES] + ([] if quick else [big]):
+        for n in [3] if quick else [2, 4]:
+            base, models = S.realistic(17 + n, n, shapes=shapes)
+            case = f"{len(shapes)} tensors, {n} models"
+            keys = sorted(base)
+
+            def flat(sd: Mapping[str, torch.Tensor], keys: list[str] = keys) -> torch.Tensor:
+                return torch.cat([sd[k].reshape(-1) for k in keys])
+
+            p = {"lambda": 0.4, "mask_lambda": 0.5, "k": 2}
+            got = merge_state_dicts(base, models, "consensus_ta", p, compute_dtype=F64)
+            tv = torch.stack([flat(t) for t in S.task_vectors(base, models)])
+            masks = tall.generate_task_masks(
+                tv, torch.stack([flat(m) for m in models]), flat(base), tall_mask_lambda=0.5
+            )
+            want = flat(base) + 0.4 * ((masks.sum(dim=0) >= 2) * tv.sum(dim=0))
+            ref = "fusion-bench 0.2.33 tall_mask.utils (flat)"
+            rep.tensors("consensus_ta", ref, F64, flat(got), want, close(1e-14, 1e-12), case)
+            got = merge_state_dicts(base, models, "cart", {"rank_ratio": 0.3}, compute_dtype=F64)
+            want = C.cart_literal(models, rank_ratio=0.3, prior=2.0)
+            rep.tensors(
+                "cart", "tests/test_consensus_cart.py (literal)", F64, got, want, close(1e-12, 1e-10), case
+            )
+
+
+def group_wudi_doge_fusion_bench(rep: Report, quick: bool) -> None:
+    """wudi (25 Adam steps) and doge_ta (fusion-bench's fixed 400 steps) against fusion-bench
+    0.2.33 (tests/test_wudi_doge.py), float64."""
+    from fusion_bench.method.doge_ta.doge_ta import DOGE_TA_Algorithm
+    from fusion_bench.method.wudi.wudi import wudi_merging
+
+    import test_svd_methods as S
+    import test_wudi_doge as W
+    from weightmerge.api import merge_state_dicts
+
+    for n in [3] if quick else [2, 4]:
+        base, models = S.realistic(40 + n, n)
+        got = merge_state_dicts(base, models, "wudi", {"steps": 25}, compute_dtype=F64)
+        want = wudi_merging(S.task_vectors(base, models), accelerator="cpu", iter_num=25)
+        want = {k: base[k] + v.detach() for k, v in want.items()}
+        rep.tensors(
+            "wudi", "fusion-bench 0.2.33 wudi_merging", F64, got, want, close(W.WUDI_ATOL), f"{n} models"
+        )
+        base, models = S.realistic(50 + n, n, shapes=W.DOGE_SHAPES)
+        pool = {"_pretrained_": W.as_module(base), **{f"m{i}": W.as_module(m) for i, m in enumerate(models)}}
+        want = DOGE_TA_Algorithm(subspace=6, K=30, lamda=0.07).run(pool).state_dict()
+        want = {k: v.detach() for k, v in want.items()}
+        got = merge_state_dicts(base, models, "doge_ta", compute_dtype=F64)
+        rep.tensors(
+            "doge_ta", "fusion-bench 0.2.33 DOGE_TA_Algorithm", F64, got, want, close(1e-12), f"{n} models"
+        )
+
+
 def group_fisher_literal(rep: Report, quick: bool) -> None:
     """fisher (test_fisher.reference_fisher, element by element in float64)."""
     import test_fisher as FI
@@ -774,6 +869,9 @@ GROUPS: list[Callable[[Report, bool], None]] = [
     group_pcb_literal,
     group_emr_literal,
     group_emr_fusion_bench,
+    group_svd_fusion_bench,
+    group_consensus_cart,
+    group_wudi_doge_fusion_bench,
     group_fisher_literal,
     group_regmean_numpy,
     group_breadcrumbs,

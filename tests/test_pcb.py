@@ -366,6 +366,10 @@ def test_describes_itself() -> None:
         "inter": "A",
         "scope": "global",
         "dare_drop_rate": 0.0,
+        # LiNeS, an option of every task-vector method (docs/methods/lines.md)
+        "lines_alpha": None,
+        "lines_beta": 0.0,
+        "lines_blocks": None,
     }
     assert spec.is_row_chunkable(resolve_params(spec, {}, 2))
     assert not spec.is_row_chunkable(resolve_params(spec, {"scope": "per_tensor"}, 2))

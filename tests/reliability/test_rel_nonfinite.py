@@ -27,7 +27,9 @@ PARAMS: dict[str, dict] = {
 # same driver check (covered by the CLI test below for the streamed path).
 SKIP = {"fisher", "regmean"}
 METHOD_NAMES = sorted(set(METHODS) - SKIP)
-OWN_CHECK = {"emr", "pcb", "ties"}  # their statistics are undefined with NaN: they refuse anyway
+# their statistics are undefined with NaN: they refuse anyway; so do the SVD / Adam methods (an SVD
+# of NaN fails, and Adam would spread a NaN over the whole matrix)
+OWN_CHECK = {"emr", "pcb", "ties", "tsv_m", "iso_c", "iso_cts", "cart", "wudi", "doge_ta"}
 
 
 def models_for(name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

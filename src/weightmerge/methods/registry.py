@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from weightmerge.methods import (
     breadcrumbs,
+    cart,
+    consensus_ta,
     dare,
     della,
+    doge_ta,
     emr,
     fisher,
+    iso_c,
+    iso_cts,
     karcher,
     linear,
+    lines,
     model_stock,
     multislerp,
     nearswap,
@@ -21,12 +27,15 @@ from weightmerge.methods import (
     slerp,
     task_arithmetic,
     ties,
+    tsv_m,
+    wudi,
 )
 from weightmerge.methods._params import did_you_mean
 from weightmerge.methods.base import MethodSpec
 
+# Every task-vector method that returns one model takes the LiNeS options (methods/lines.py).
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
+    spec.name: lines.wrap(spec) if lines.applies_to(spec) else spec
     for spec in (
         linear.SPEC,
         task_arithmetic.SPEC,
@@ -49,6 +58,13 @@ METHODS: dict[str, MethodSpec] = {
         nuslerp.SPEC,
         multislerp.SPEC,
         karcher.SPEC,
+        tsv_m.SPEC,
+        iso_c.SPEC,
+        iso_cts.SPEC,
+        consensus_ta.SPEC,
+        cart.SPEC,
+        wudi.SPEC,
+        doge_ta.SPEC,
     )
 }
 
