@@ -195,6 +195,7 @@ def prepare_seed(
             seed=derive_seed(seed, name),
             cache_dir=cache_dir,
             progress=progress,
+            device=cfg.device,
         )
         ctx.experts[name] = expert
         how = "cached" if expert.cached else f"trained in {expert.seconds:.1f} s"
@@ -208,6 +209,7 @@ def prepare_seed(
             seed=derive_seed(seed, "multitask"),
             cache_dir=cache_dir,
             progress=progress,
+            device=cfg.device,
         )
         mt = ctx.multitask
         how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
@@ -782,6 +784,7 @@ def make_base(
         seed=cfg.base_seed,
         cache_dir=cache_dir,
         progress=progress,
+        device=cfg.device,
         label="base",
     )
     how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
@@ -812,6 +815,14 @@ def _run_key(cfg: EvalConfig, family: ExpertFamily, seed: int) -> str:
     return cache_lib.content_key(
         {"kind": "run", "version": RUN_VERSION, "config": data, "model": family.fingerprint, "seed": seed}
     )
+
+
+def check_device(device: str) -> None:
+    """Fail before any work when the fine-tuning device is not there."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available (torch {torch.__version__}); use cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': Apple's Metal backend is not available; use cpu")
 
 
 def run_cell(
@@ -860,6 +871,7 @@ def run_eval(
     hint = contention_hint()
     if hint:
         log(hint)
+    check_device(cfg.device)
     cache = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
     cells = []
     families = []

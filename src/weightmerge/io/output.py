@@ -177,13 +177,9 @@ class Journal:
             try:
                 self.writer.mark_written(name)
             except (KeyError, ValueError):
-                return self._restart()
+                continue  # not in this layout, or its shard was not kept: computed again
             done.append(name)
         return done
-
-    def _restart(self) -> list[str]:
-        self.path.unlink()
-        return []
 
     def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         self.writer.write(name, tensor, rows)
