@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from weightmerge.eval.report import _table, fmt, stat
+from weightmerge.eval.tables import fmt, stat
+from weightmerge.eval.tables import table as _table
 
 MERGE_EXCLUDE = ("individual", "base", "multitask")
 
