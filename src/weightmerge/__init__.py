@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from weightmerge.version import __version__
 
 if TYPE_CHECKING:
-    from weightmerge.api import EMRResult, merge_state_dicts
+    from weightmerge.api import merge_state_dicts
+    from weightmerge.emr.result import EMRResult
     from weightmerge.methods.registry import METHODS, get_method
 
 __all__ = ["METHODS", "EMRResult", "__version__", "get_method", "merge_state_dicts"]
@@ -15,7 +16,7 @@ __all__ = ["METHODS", "EMRResult", "__version__", "get_method", "merge_state_dic
 # Imported on first use, so that `import weightmerge.config` (and the command line's --help,
 # --version and config errors) does not pay for torch.
 _LAZY = {
-    "EMRResult": "weightmerge.api",
+    "EMRResult": "weightmerge.emr.result",
     "merge_state_dicts": "weightmerge.api",
     "METHODS": "weightmerge.methods.registry",
     "get_method": "weightmerge.methods.registry",

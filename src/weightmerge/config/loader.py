@@ -297,7 +297,7 @@ class _Loader:
             resolved = resolve_params(
                 spec, cfg.raw_params_for("", layer_index=None, num_layers=None), n, where=" (config)"
             )
-            spec.check(resolved, n)
+            spec.check_rules(resolved, n, cfg.varying_params())
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err), location="parameters") from None
         return cfg
