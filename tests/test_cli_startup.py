@@ -65,15 +65,15 @@ def test_commands_without_data_do_not_import_torch(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("merge_method: ties\nbase_model: base\nmodel:\n  - model: a\n")
     (tmp_path / "param.yaml").write_text(good.read_text().replace("density:", "densty:"))
     (tmp_path / "missing.yaml").write_text(good.read_text().replace("model: a", "model: nowhere"))
-    cases = [
+    cases = [  # the ones that need no method spec first: the runner shares one interpreter
         ["--help"],
         ["--version"],
-        ["methods"],
         ["methods", "--help"],
-        ["methods", "slerp", "--json"],
-        ["validate", "good.yaml"],
         ["validate", "no-such.yaml"],
         ["validate", "typo.yaml"],
+        ["methods"],
+        ["methods", "slerp", "--json"],
+        ["validate", "good.yaml"],
         ["validate", "param.yaml"],
         ["plan", "missing.yaml"],
         ["merge", "missing.yaml", "out2"],
