@@ -114,8 +114,8 @@ def test_torn_journal_and_unknown_names_are_recomputed(tmp_path: Path, capsys, m
     run keeps the names before the tear and computes the rest again; same bytes as a clean run."""
     import json
 
-    import weightmerge.engine.merge as merge_mod
     import weightmerge.io.atomic as atomic
+    import weightmerge.io.output as output_mod
 
     _base, cfg = make(tmp_path, "task_arithmetic", {"weight": 0.5})
     argv = ["merge", str(cfg), "", "-q", "--shard-size", "100KB"]
@@ -126,7 +126,7 @@ def test_torn_journal_and_unknown_names_are_recomputed(tmp_path: Path, capsys, m
     class Killed(BaseException):
         pass
 
-    real_flush = merge_mod._Journal.flush
+    real_flush = output_mod.Journal.flush
     flushes = {"n": 0}
 
     def flush_then_die(self) -> None:  # type: ignore[no-untyped-def]
@@ -135,7 +135,7 @@ def test_torn_journal_and_unknown_names_are_recomputed(tmp_path: Path, capsys, m
         if flushes["n"] == 3:
             raise Killed
 
-    monkeypatch.setattr(merge_mod._Journal, "flush", flush_then_die)
+    monkeypatch.setattr(output_mod.Journal, "flush", flush_then_die)
     monkeypatch.setattr(atomic, "_remove", lambda path: None)  # leave the scratch as a kill would
     with pytest.raises(Killed):
         run_cli([*argv[:2], str(tmp_path / "out"), *argv[3:]], capsys)

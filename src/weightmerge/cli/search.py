@@ -10,7 +10,7 @@ import sys
 
 def _run(args: argparse.Namespace) -> int:
     from weightmerge.cli import UserError
-    from weightmerge.search.config import load_search_config
+    from weightmerge.search.loader import load_search_config
     from weightmerge.search.runner import run_search
 
     cfg = load_search_config(args.config)

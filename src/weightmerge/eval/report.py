@@ -21,15 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from weightmerge.eval.config import EvalConfig
-
-
-def stat(values: Sequence[float | None]) -> dict[str, Any] | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(vals), "values": vals}
+from weightmerge.eval.tables import fmt, stat
+from weightmerge.eval.tables import table as _table
 
 
 def row_order(cfg: EvalConfig) -> list[str]:
@@ -159,14 +152,6 @@ def aggregate(cfg: EvalConfig, per_seed: Sequence[Mapping[str, Any]]) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def fmt(s: Mapping[str, Any] | None, *, digits: int = 3, spread: bool = True) -> str:
-    if s is None:
-        return "-"
-    if not spread or s["n"] < 2:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
-
 def _fmt_params(params: Sequence[Any]) -> str:
     if all(p is None for p in params):
         return ""  # a reference row
@@ -179,12 +164,6 @@ def _fmt_params(params: Sequence[Any]) -> str:
     if len(set(distinct)) == 1:
         return distinct[0]
     return " / ".join(distinct)  # one per seed (tuned rows pick per seed)
-
-
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
 
 
 def markdown(report: Mapping[str, Any]) -> str:

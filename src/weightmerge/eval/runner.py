@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from weightmerge import __version__
-from weightmerge.api import EMRResult, merge_state_dicts
+from weightmerge.api import merge_state_dicts
+from weightmerge.emr.result import EMRResult
 from weightmerge.eval import stats as stats_lib
 from weightmerge.eval.cache import default_cache_dir
 from weightmerge.eval.config import EvalConfig, MethodEntry, config_hash, grid_points, params_key
@@ -63,6 +63,7 @@ from weightmerge.eval.train import (
     load_or_train_multitask,
 )
 from weightmerge.methods.registry import get_method
+from weightmerge.version import __version__
 
 StateDict = Mapping[str, torch.Tensor]
 Log = Callable[[str], None]
