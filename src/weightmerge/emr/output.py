@@ -50,7 +50,7 @@ def task_names(paths: Sequence[str]) -> list[str]:
     return out
 
 
-class _ExpertTensors(Mapping[str, torch.Tensor]):
+class _ExpertTensors(Mapping[str, "torch.Tensor"]):
     """An expert's own tensors, read lazily (one at a time) and cast to the output dtype."""
 
     def __init__(

@@ -52,7 +52,7 @@ from weightmerge.io.base import TensorInfo, TensorSource
 from weightmerge.io.safetensors_format import dtype_code, numel, read_header
 from weightmerge.io.writer import ShardedSafetensorsWriter
 
-BaseLike = TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+BaseLike = TensorSource | Mapping[str, "torch.Tensor"] | str | os.PathLike[str]
 Rows = tuple[int, int] | None
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Copied from the base checkpoint's directory next to a materialized task, with the tokenizer files.
@@ -626,7 +626,7 @@ def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
         target.data = value.to(device=target.device, dtype=target.dtype)
 
 
-class TaskStateDict(Mapping[str, torch.Tensor]):
+class TaskStateDict(Mapping[str, "torch.Tensor"]):
     """A task's full state dict, each tensor reconstructed when accessed."""
 
     def __init__(self, artifact: EMRArtifact, task: int, source: TensorSource) -> None:

@@ -45,7 +45,7 @@ MANIFEST = "emr_manifest.json"
 RESCALES = ("per_tensor_mean", "global")
 DEFAULT_SHARD_BYTES = 5 * 10**9
 Rows = tuple[int, int] | None
-LayoutItem = tuple[str, Sequence[int], torch.dtype]
+LayoutItem = tuple[str, Sequence[int], "torch.dtype"]
 
 
 def mask_file(i: int) -> str:
@@ -102,7 +102,7 @@ class EMRArtifactWriter:
         layout: Sequence[LayoutItem],
         base_identity: Mapping[str, Any],
         rescale: str = "per_tensor_mean",
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,  # None: float32
         unified_dtype: torch.dtype | None = None,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         fsync: bool = True,
@@ -112,6 +112,7 @@ class EMRArtifactWriter:
         self.tasks = check_tasks(tasks)
         if rescale not in RESCALES:
             raise ValueError(f"rescale must be one of {list(RESCALES)}, got {rescale!r}")
+        compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         check_identity(base_identity)

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,25 +30,55 @@ import torch
 
 # safetensors dtype names <-> torch dtypes (little-endian, as the format prescribes). Formats torch
 # cannot hold element-wise (F4/F6 packed, complex) are not listed: they are refused by name.
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
+_ST_DTYPE_ATTRS = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+class _DtypeTable(Mapping[Any, Any]):
+    """A read-only table built on first use, so importing this module (which the method contract
+    does) does not import torch: commands that touch no tensor data stay fast (docs/engine.md)."""
+
+    def __init__(self, reverse: bool) -> None:
+        self._reverse = reverse
+        self._table: dict[Any, Any] | None = None
+
+    def _get(self) -> dict[Any, Any]:
+        if self._table is None:
+            forward = {code: getattr(torch, attr) for code, attr in _ST_DTYPE_ATTRS.items()}
+            self._table = {v: k for k, v in forward.items()} if self._reverse else forward
+        return self._table
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(_ST_DTYPE_ATTRS)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._get()
+
+
+ST_TO_TORCH: Mapping[str, torch.dtype] = _DtypeTable(reverse=False)
+TORCH_TO_ST: Mapping[torch.dtype, str] = _DtypeTable(reverse=True)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (HeaderTooLarge above it)
 METADATA = "__metadata__"
 

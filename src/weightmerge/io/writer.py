@@ -43,7 +43,7 @@ from weightmerge.io.safetensors_format import plan_shards as plan_sizes
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-TensorSpec = tuple[str, Sequence[int], torch.dtype]
+TensorSpec = tuple[str, Sequence[int], "torch.dtype"]
 
 
 @dataclass(frozen=True)
