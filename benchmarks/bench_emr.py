@@ -112,8 +112,9 @@ def check_worker(p: Mapping[str, Any]) -> dict[str, Any]:
     import torch
     from bench_compare import CheckpointDir
 
-    from weightmerge.api import EMRResult, emr_reconstruct, merge_state_dicts
+    from weightmerge.api import merge_state_dicts
     from weightmerge.emr import load_emr
+    from weightmerge.emr.result import EMRResult, emr_reconstruct
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
@@ -303,7 +304,7 @@ def sizes(artifact: Path, inp: Inputs) -> dict[str, Any]:
     import torch
 
     from weightmerge.emr import load_emr
-    from weightmerge.emr.stfile import parse_dtype
+    from weightmerge.emr.files import parse_dtype
     from weightmerge.emr.writer import MANIFEST
 
     with load_emr(artifact) as art:

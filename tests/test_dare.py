@@ -204,8 +204,8 @@ def test_row_chunked_equals_whole(method, rescale):
 @pytest.mark.parametrize("method", METHODS)
 def test_l1_rescale_is_not_chunked(method):
     spec = get_method(method)
-    assert not spec.is_elementwise(resolve_params(spec, {}, 2))
-    assert spec.is_elementwise(resolve_params(spec, {"rescale": "inverse_keep"}, 2))
+    assert not spec.is_row_chunkable(resolve_params(spec, {}, 2))
+    assert spec.is_row_chunkable(resolve_params(spec, {"rescale": "inverse_keep"}, 2))
 
 
 @settings(max_examples=20, deadline=None)

@@ -10,9 +10,9 @@ import torch
 
 from ckpt_fixtures import make_family
 from weightmerge import merge_state_dicts
-from weightmerge.api import EMRResult
 from weightmerge.cli import main
 from weightmerge.device import resolve_device
+from weightmerge.emr.result import EMRResult
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()

@@ -8,10 +8,10 @@ import torch
 
 from conftest import require
 from ref_emr import emr_state_dicts
-from weightmerge.api import EMRResult, merge_state_dicts
+from weightmerge.api import merge_state_dicts
+from weightmerge.emr.result import EMRResult, EMRTensor
 from weightmerge.engine.driver import MergeInputs, run_merge
 from weightmerge.methods._params import resolve_params
-from weightmerge.methods.base import EMRTensor
 from weightmerge.methods.registry import get_method
 
 F64 = torch.float64

@@ -29,10 +29,10 @@ from weightmerge.emr import (
     materialize,
     write_emr_artifact,
 )
+from weightmerge.emr.result import EMRTensor
 from weightmerge.engine.plan import FIXED_OVERHEAD_BYTES, build_plan
 from weightmerge.engine.stream import stream_merge
 from weightmerge.methods._params import resolve_params
-from weightmerge.methods.base import EMRTensor
 from weightmerge.methods.registry import get_method
 
 TASKS = ["sst2", "qnli", "mnli", "rte"]
@@ -75,16 +75,11 @@ def odd_model(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict
 
 
 def stream_emr(base, experts, out, tasks, *, rescale="per_tensor_mean", max_memory=None, per_task=None):
-    """The streaming engine path: plan -> stream_merge(emr_sink=writer.write) -> finalize."""
+    """The streaming engine path: plan -> stream_merge(writer=EMR artifact writer) -> finalize."""
     spec = get_method("emr")
     params = resolve_params(spec, {"rescale": rescale}, len(experts))
     bsrc, msrcs = DictSource(base), [DictSource(e) for e in experts]
     plan = build_plan(spec, bsrc, msrcs, model_params=params, max_memory=max_memory)
-
-    class Sink:
-        def write(self, name, tensor, rows=None):  # copied tensors come from the base at materialization
-            pass
-
     layout = [(t.name, t.shape, t.out_dtype) for t in plan.merged]
     with EMRArtifactWriter(
         out,
@@ -95,17 +90,7 @@ def stream_emr(base, experts, out, tasks, *, rescale="per_tensor_mean", max_memo
         compute_dtype=plan.compute_dtype,
         fsync=False,
     ) as w:
-        outcome, _ = stream_merge(
-            plan,
-            bsrc,
-            msrcs,
-            params_for=lambda _n: params,
-            model_params=params,
-            sink=Sink(),
-            emr_sink=w.write,
-            quiet=True,
-            prefetch=False,
-        )
+        outcome, _ = stream_merge(plan, bsrc, msrcs, writer=w, quiet=True, prefetch=False)
         w.finalize(outcome.extras["rescalers"], per_task)
     return plan
 
@@ -486,7 +471,7 @@ def test_non_zero_padding_bits_are_refused(tmp_path):
     art = load_emr(art_dir)
     with safe_open(str(art_dir / "masks-000.safetensors"), "pt") as f:
         assert f.get_tensor("c.bias").numel() == 2  # 11 elements: 5 padding bits in the last byte
-    from weightmerge.emr.stfile import read_header
+    from weightmerge.io.safetensors_format import read_header
 
     header, _ = read_header(art_dir / "masks-000.safetensors")
     path = art_dir / "masks-000.safetensors"

@@ -128,7 +128,7 @@ def test_cache_chunked_stream_equals_in_memory(
     opened = open_and_plan(cfg)
     try:
         chunked = [t for t in opened.plan.merged if t.chunk_rows is not None]
-        if spec.is_elementwise(opened.model_params):
+        if spec.is_row_chunkable(opened.model_params):
             assert chunked, "an element-wise method must be row-chunked"
             assert any(t.shape[0] % t.chunk_rows for t in chunked), "no ragged last chunk exercised"
         else:

@@ -21,8 +21,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from weightmerge import merge_state_dicts
-from weightmerge.api import EMRResult
 from weightmerge.cli import main
+from weightmerge.emr.result import EMRResult
 from weightmerge.eval.config import parse_config
 from weightmerge.eval.model import load_encoder
 from weightmerge.eval.runner import merge_and_score, prepare_seed, reference_rows

@@ -170,3 +170,36 @@ def test_evaluate_state_scores_a_merge_like_the_runner(tmp_path: Path) -> None:
     assert expert["normalized"] == {"shapes": 1.0}
     with pytest.raises(ValueError, match="no expert"):
         evaluate_state(ctx, merged, tasks=["fashion_mnist"])
+
+
+def test_paired_differences_per_seed_and_task() -> None:
+    from weightmerge.eval.report import paired_differences
+
+    def row(norm: dict[str, float]) -> dict:
+        return {"normalized": norm, "normalized_avg": sum(norm.values()) / len(norm)}
+
+    report = {
+        "per_seed": [
+            {"rows": {"ties": row({"a": 0.9, "b": 0.8}), "average": row({"a": 0.7, "b": 0.8})}},
+            {"rows": {"ties": row({"a": 0.6, "b": 1.0}), "average": row({"a": 0.8, "b": 0.9})}},
+        ]
+    }
+    (d,) = paired_differences(report)
+    assert (d["a"], d["b"]) == ("ties", "average")
+    assert d["per_seed"] == pytest.approx([0.1, -0.05])
+    assert d["mean"] == pytest.approx(0.025)
+    assert (d["ahead"], d["level"], d["behind"]) == (2, 1, 1)
+    assert d["task_mean"] == pytest.approx((0.2 + 0.0 - 0.2 + 0.1) / 4)
+
+
+def test_device_is_checked_before_any_work(tmp_path: Path) -> None:
+    from weightmerge.eval.runner import run_eval
+
+    with pytest.raises(EvalConfigError, match="device"):
+        parse_config({"tasks": ["shapes"], "methods": [{"method": "linear"}], "device": "tpu"})
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = parse_config({"tasks": ["shapes"], "methods": [{"method": "linear"}], "device": "cuda"})
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        run_eval(cfg, cache_dir=tmp_path, progress=False, log=lambda _m: None)
+    assert not any(tmp_path.iterdir())  # nothing trained or written

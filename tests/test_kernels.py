@@ -318,21 +318,21 @@ def test_warm_up_compiles_every_kernel_or_reports_them_off(monkeypatch):
     assert not kernels.warm_up()
 
 
-@pytest.mark.slow  # compiles every kernel in a fresh process
+@pytest.mark.slow  # two fresh processes import torch and numba
 def test_numba_cache_dir_holds_the_compiled_kernels(tmp_path):
     """NUMBA_CACHE_DIR (docs/engine.md): where an install that cannot write next to its sources
-    keeps the compiled kernels; a second process loads them instead of compiling."""
+    keeps the compiled kernels; a second process loads them instead of compiling. One small kernel
+    stands for all (they share the cache locator: cache=True on each)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "WEIGHTMERGE_KERNELS": "1"}
-    cmd = [sys.executable, "-c", "import weightmerge.kernels as k; assert k.warm_up()"]
-    subprocess.run(cmd, env=env, check=True, timeout=600)
-    cached = sorted(p.name for p in tmp_path.rglob("*.nbi"))
-    assert {n.split("-")[0] for n in cached} == {
-        f"_numba.{k}"
-        for k in ("window_gather", "nth_equal_abs", "ties_merge", "window_counts", "trimmed_vote_sign")
-    }
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    code = "import numpy as np\nfrom weightmerge.kernels import _numba as k\n"
+    code += "k.nth_equal_abs(np.zeros(3), 0.0, 0)"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    (index,) = [p.name for p in tmp_path.rglob("*.nbi")]
+    assert index.startswith("_numba.nth_equal_abs-")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")}
-    subprocess.run(cmd, env=env, check=True, timeout=600)
+    assert before
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.nbc")} == before  # loaded, not rewritten

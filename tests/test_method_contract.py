@@ -29,7 +29,7 @@ from weightmerge import merge_state_dicts
 from weightmerge.config import load_config
 from weightmerge.engine.merge import MergeOptions, merge_config, open_and_plan
 from weightmerge.methods._params import resolve_params
-from weightmerge.methods.aux import AUX_LAYOUTS, module_name
+from weightmerge.methods.aux import module_name
 from weightmerge.methods.base import MethodSpec, Param
 from weightmerge.methods.registry import METHODS
 
@@ -78,7 +78,7 @@ def side_inputs(spec: MethodSpec, experts: Sequence[Mapping[str, torch.Tensor]])
     for p in spec.params:
         if p.kind != "stats":
             continue
-        layout = AUX_LAYOUTS.get(p.name, "param")
+        layout = p.layout
         per_model = []
         for i, e in enumerate(experts):
             g = torch.Generator().manual_seed(100 + i)
@@ -175,7 +175,7 @@ def streamed_equals(result: Any, out: Path, base_dir: Path, n: int, what: str) -
     if isinstance(result, Mapping):
         assert_same_bits(load_output(out), result, what)
         return
-    from weightmerge.emr.artifact import load_emr
+    from weightmerge.emr import load_emr
 
     art = load_emr(out)
     for i in range(n):
@@ -218,7 +218,7 @@ def test_row_chunked_equals_whole(
     opened = open_and_plan(load_config(run_both(tmp_path, spec, params)))
     try:
         chunked = [t for t in opened.plan.merged if t.chunk_rows is not None]
-        if spec.is_elementwise(opened.model_params):
+        if spec.is_row_chunkable(opened.model_params):
             assert chunked, f"{name}: declared row-chunkable, but no tensor was split"
             assert any(t.shape[0] % t.chunk_rows for t in chunked), "no ragged last chunk"
         else:

@@ -371,8 +371,8 @@ def test_describes_itself() -> None:
         "lines_beta": 0.0,
         "lines_blocks": None,
     }
-    assert spec.is_elementwise(resolve_params(spec, {}, 2))
-    assert not spec.is_elementwise(resolve_params(spec, {"scope": "per_tensor"}, 2))
+    assert spec.is_row_chunkable(resolve_params(spec, {}, 2))
+    assert not spec.is_row_chunkable(resolve_params(spec, {"scope": "per_tensor"}, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -392,8 +392,8 @@ def test_global_scope_row_chunked_equals_whole(variant, rescale):
 def test_per_tensor_scope_is_not_chunked():
     spec = get_method("ties")
     p = resolve_params(spec, {}, 2)
-    assert not spec.is_elementwise(p)
-    assert spec.is_elementwise(resolve_params(spec, {"variant": "paper"}, 2))
+    assert not spec.is_row_chunkable(p)
+    assert spec.is_row_chunkable(resolve_params(spec, {"variant": "paper"}, 2))
     gen = torch.Generator().manual_seed(4)
     base, models = _random_model(gen, {"w": (9, 4)}, n=2)
     _, pieces = run_chunked(base, models, "ties", {"density": 0.3}, rows=2)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from weightmerge.api import EMRResult, merge_state_dicts
+from weightmerge.api import merge_state_dicts
+from weightmerge.emr.result import EMRResult
 from weightmerge.methods.registry import METHODS, get_method
+from weightmerge.version import __version__
 
 __all__ = ["METHODS", "EMRResult", "__version__", "get_method", "merge_state_dicts"]

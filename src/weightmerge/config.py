@@ -449,7 +449,7 @@ class MergeConfig:
         return out
 
     def model_params(self) -> dict[str, Any]:
-        """Model-level parameters (for ``MethodSpec.passes/check/finalize/is_elementwise``), in the
+        """Model-level parameters (for ``MethodSpec.passes/check/finalize/is_row_chunkable``), in the
         raw form ``resolve_params`` takes: every parameter whose value is the same for all tensors
         (all ``tensor_scoped=False`` ones -- the loader rejects filters/gradients on those -- and
         tensor-scoped ones written as plain values). Tensor-scoped parameters that vary (filters,
@@ -468,6 +468,19 @@ class MergeConfig:
                 v = self._value(p, None, "", 0.0)
                 if v is not None:
                     out[p.name] = v
+        return out
+
+    def varying_params(self) -> dict[str, str]:
+        """``{param: where}`` for every parameter set by a filter or a gradient somewhere (its
+        value may differ per tensor), for ``MethodSpec.check_rules``."""
+        out: dict[str, str] = {}
+        for p in self.spec.params:
+            where = [("parameters", self.parameters.get(p.name))] + [
+                (f"models[{i}].parameters", e.parameters.get(p.name)) for i, e in enumerate(self.models)
+            ]
+            for loc, s in where:
+                if s is not None and _is_varying(s) and p.name not in out:
+                    out[p.name] = f"{loc}.{p.name} is a filter or gradient"
         return out
 
     def resolved_model_params(self) -> dict[str, Any]:
@@ -851,7 +864,7 @@ class _Loader:
             resolved = resolve_params(
                 spec, cfg.raw_params_for("", layer_index=None, num_layers=None), n, where=" (config)"
             )
-            spec.check(resolved, n)
+            spec.check_rules(resolved, n, cfg.varying_params())
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err), location="parameters") from None
         return cfg

@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from weightmerge import __version__
+from weightmerge.version import __version__
 
 # One module per subcommand; each defines register(subparsers) and sets args.func(args) -> int.
 SUBCOMMANDS = ("methods", "merge", "plan", "inspect", "validate", "eval", "demo", "emr", "search")

@@ -40,6 +40,8 @@ def override(cfg: Any, args: argparse.Namespace) -> Any:
         updates["seeds"] = parse_seeds(args.seeds)
     if getattr(args, "threads", None):
         updates["threads"] = int(args.threads)
+    if getattr(args, "device", None):
+        updates["device"] = str(args.device)
     if not updates:
         return cfg
     from weightmerge.eval.config import parse_config
@@ -79,6 +81,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seeds", help="comma-separated seeds, overriding the config's")
     p.add_argument("--threads", type=int, help="torch threads (default: the config's, 2)")
+    p.add_argument(
+        "--device", help="fine-tune on this device (cpu, cuda, cuda:N; default: the config's, cpu)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
     p.add_argument("-q", "--quiet", action="store_true", help="no log lines on stderr")

@@ -9,10 +9,15 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from weightmerge.search.config import load_search_config
+    from weightmerge.cli import UserError
+    from weightmerge.search.loader import load_search_config
     from weightmerge.search.runner import run_search
 
     cfg = load_search_config(args.config)
+    if args.budget is not None and args.budget < 1:
+        raise UserError(f"--budget must be at least 1, got {args.budget}")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.budget is not None or args.seed is not None:
         upd = {k: v for k, v in (("budget", args.budget), ("seed", args.seed)) if v is not None}
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=upd)})

@@ -16,121 +16,25 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from weightmerge.emr.stfile import CODE_DTYPES, dtype_name, read_header, tensor_bytes
+from weightmerge.emr.files import dtype_name
 from weightmerge.io.base import TensorInfo, TensorSource
+from weightmerge.io.memory import DictSource
+from weightmerge.io.safetensors_format import tensor_bytes
 
 HASH_CHUNK_BYTES = 64 * 2**20
 Rows = tuple[int, int] | None
 
 
-class DictSource:
-    """A TensorSource over an in-memory mapping name -> tensor."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<in-memory>") -> None:
-        self.tensors = tensors
-        self.path = path
-        self.config: dict[str, Any] | None = None
-
-    def keys(self) -> list[str]:
-        return sorted(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        t = self.tensors[name]
-        return TensorInfo(name, tuple(t.shape), t.dtype, self.path)
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        t = self.tensors[name]
-        return t if rows is None else t[rows[0] : rows[1]]
-
-    def close(self) -> None:
-        pass
-
-
-class SafetensorsSource:
-    """A minimal TensorSource over a safetensors file, or a directory holding ``model.safetensors``
-    or a sharded ``model.safetensors.index.json`` (used when ``weightmerge.io`` has no opener)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from safetensors import safe_open
-
-        self.path = str(path)
-        p = Path(path)
-        if p.is_dir():
-            index = p / "model.safetensors.index.json"
-            if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({p / f for f in weight_map.values()})
-            elif (p / "model.safetensors").exists():
-                files = [p / "model.safetensors"]
-            else:
-                raise FileNotFoundError(f"{p}: no model.safetensors or model.safetensors.index.json")
-            cfg = p / "config.json"
-            self.config = json.loads(cfg.read_text()) if cfg.exists() else None
-        elif p.exists():
-            files, self.config = [p], None
-        else:
-            raise FileNotFoundError(f"{p} does not exist")
-        self._infos: dict[str, TensorInfo] = {}
-        self._file: dict[str, Any] = {}
-        for f in files:
-            header, _ = read_header(f)
-            handle = safe_open(str(f), framework="pt")
-            for name, st in header.items():
-                self._infos[name] = TensorInfo(name, st.shape, CODE_DTYPES[st.dtype_code], str(f))
-                self._file[name] = handle
-
-    def keys(self) -> list[str]:
-        return sorted(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._infos[name]
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        f = self._file[name]
-        if rows is None or len(self._infos[name].shape) == 0:
-            return f.get_tensor(name)
-        return f.get_slice(name)[rows[0] : rows[1]]
-
-    def close(self) -> None:
-        self._file.clear()
-
-
-class SourceTensors(Mapping[str, torch.Tensor]):
-    """A lazy mapping over some tensors of a source (e.g. an expert's excluded heads, passed as its
-    per-task tensors to ``EMRArtifactWriter.finalize``): each tensor is read when accessed."""
-
-    def __init__(self, src: TensorSource, names: Iterable[str]) -> None:
-        self.src = src
-        self.names = sorted(names)
-        missing = sorted(set(self.names) - set(src.keys()))
-        if missing:
-            raise KeyError(f"{src.path} has no tensor {missing[0]!r}")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.names:
-            raise KeyError(name)
-        return self.src.read(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 def open_base(base: TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> TensorSource:
     """A TensorSource for ``base``: returned as is, wrapped (dict), or opened (path)."""
     if isinstance(base, (str, os.PathLike)):
-        try:
-            from weightmerge.io import open_source
-        except ImportError:
-            return SafetensorsSource(base)
+        from weightmerge.io.sources import open_source
+
         return open_source(str(base))
     if isinstance(base, TensorSource):
         return base

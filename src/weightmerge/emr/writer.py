@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from weightmerge.emr import bits
+from weightmerge.emr.files import Entry, FileWriter, ShardedWriter, dtype_name
+from weightmerge.emr.result import EMRResult, EMRTensor
 from weightmerge.emr.sources import base_identity as compute_base_identity
 from weightmerge.emr.sources import check_identity
-from weightmerge.emr.stfile import Entry, FileWriter, ShardedWriter, dtype_name
-from weightmerge.io.atomic import atomic_output_dir
-from weightmerge.methods.base import EMRTensor
+from weightmerge.io.atomic import atomic_output_dir, fsync_dir
 
 FORMAT = "weightmerge-emr"
 FORMAT_VERSION = 1
@@ -81,14 +81,6 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     if dup:
         raise ValueError(f"task name {dup[0]!r} is given twice")
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EMRArtifactWriter:
@@ -340,7 +332,7 @@ class EMRArtifactWriter:
         if self._atomic is not None:
             self._atomic.__exit__(None, None, None)  # fsync, then rename into place
         elif self.fsync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         self._done = True
         return self.out_dir
 
@@ -417,7 +409,7 @@ class _Aborted(Exception):
 
 
 def _version() -> str:
-    from weightmerge import __version__
+    from weightmerge.version import __version__
 
     return __version__
 
@@ -443,8 +435,6 @@ def write_emr_artifact(
     Output dtype defaults to each base tensor's dtype; the unified vector is stored in
     ``unified_dtype`` (default: the output dtype).
     """
-    from weightmerge.api import EMRResult
-
     if not isinstance(result, EMRResult):
         raise TypeError(f"result must be an EMRResult, got {type(result).__name__}")
     names = sorted(result.unified)

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from weightmerge import __version__
 from weightmerge.methods.base import MethodSpec
+from weightmerge.version import __version__
 
 
 def model_card(

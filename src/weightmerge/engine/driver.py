@@ -17,7 +17,6 @@ import torch
 
 from weightmerge.engine.select import RadixSelect, SampleSelect
 from weightmerge.methods.base import (
-    EMRTensor,
     MethodSpec,
     OrderStat,
     Reduce,
@@ -59,10 +58,12 @@ class NonFiniteError(ValueError):
 
 def _nonfinite_rows(t: torch.Tensor) -> torch.Tensor | None:
     """Per-leading-index count of non-finite values of ``t`` (one count per model), or None when all
-    are finite. The float64 sum of a finite tensor is finite (it cannot overflow for any tensor a
-    model holds), and any NaN or infinity makes it non-finite, so the exact count is only taken then."""
+    are finite. A NaN or an infinity makes the row sum non-finite, so a finite sum proves the row
+    finite; only a non-finite sum (which an overflow of large finite values can also give) takes
+    the exact count. The sum costs a small fraction of the merge arithmetic; ``isfinite().all()``
+    or a float64 sum cost more than task arithmetic itself."""
     flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-    if bool(torch.isfinite(flat.sum(dim=1, dtype=torch.float64)).all()):
+    if bool(torch.isfinite(flat.sum(dim=1)).all()):
         return None
     counts = (~torch.isfinite(flat)).sum(dim=1)
     return counts if bool(counts.any()) else None
@@ -100,9 +101,25 @@ def _check_finite_inputs(
 def _check_finite_output(inp: MergeInputs, method: MethodSpec, name: str, rows: Rows, out: object) -> None:
     if inp.allow_nonfinite:
         return
-    t = out.unified if isinstance(out, EMRTensor) else out
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return
+    for t in _output_tensors(out):
+        _check_finite_result(method, name, rows, t)
+
+
+def _output_tensors(out: object) -> list[torch.Tensor]:
+    """The floating tensors of what ``apply`` returned: the tensor itself, or the floating tensor
+    fields of a method's own result object (a method with its own output format)."""
+    if isinstance(out, torch.Tensor):
+        found = [out]
+    elif dataclasses.is_dataclass(out):
+        found = [
+            v for v in (getattr(out, f.name) for f in dataclasses.fields(out)) if isinstance(v, torch.Tensor)
+        ]
+    else:
+        found = []
+    return [t for t in found if t.is_floating_point()]
+
+
+def _check_finite_result(method: MethodSpec, name: str, rows: Rows, t: torch.Tensor) -> None:
     bad = _nonfinite_rows(t.unsqueeze(0))
     if bad is not None:
         where = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
@@ -282,6 +299,66 @@ def _presampled(requests: Sequence[StatRequest]) -> bool:
     )
 
 
+class _Reductions:
+    """The :class:`Reduce` requests of one pass over the sweep: each tensor's per-chunk float64
+    partials are kept side by side (:class:`_Partials`) and reduced once when the sweep moves to
+    the next tensor (so row chunking never changes the bits), then combined across tensors in
+    sweep (sorted-name) order."""
+
+    def __init__(self, inp: MergeInputs, reduces: Sequence[Reduce]) -> None:
+        self.inp, self.reduces = inp, list(reduces)
+        self.n = len(inp.models)
+        self.totals: dict[str, torch.Tensor | None] = {r.key: None for r in self.reduces}
+        self.pending = {r.key: _Partials(self.n) for r in self.reduces}
+        self.current: str | None = None
+
+    def add(self, name: str, ctx: TensorCtx) -> None:
+        if not self.reduces:
+            return
+        if name != self.current:
+            if self.current is not None:
+                self._close(self.current)
+            shape = self.inp.shapes[name]
+            rows_total = shape[0] if len(shape) >= 2 else 1
+            for r in self.reduces:
+                self.pending[r.key].start(rows_total)
+            self.current = name
+        for r in self.reduces:
+            self.pending[r.key].add(r.fn(ctx))
+
+    def _close(self, name: str) -> None:
+        for r in self.reduces:
+            part = self.pending[r.key].take()
+            red = (
+                part.sum(dim=1)
+                if r.op == "sum"
+                else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
+            )
+            if r.per_tensor_mean:
+                red = red / max(math.prod(self.inp.shapes[name]), 1)
+            self.totals[r.key] = _combine(self.totals[r.key], red, r.op)
+
+    def finish(self, stats: dict[str, torch.Tensor]) -> None:
+        """Close the last tensor and store every reduction in ``stats`` (zeros for an empty sweep)."""
+        if self.current is not None and self.reduces:
+            self._close(self.current)
+        for r in self.reduces:
+            t = self.totals[r.key]
+            stats[r.key] = t if t is not None else torch.zeros(self.n, dtype=torch.float64)
+
+
+def _sweep(
+    inp: MergeInputs, method: MethodSpec, stats: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, TensorCtx]]:
+    """One statistics sweep over the model: every tensor (row chunk) to merge, as a context whose
+    ``stats`` are those of the finished passes."""
+    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
+        if inp.progress:
+            inp.progress("stats", name)
+        yield name, _ctx(inp, name, rows, base, x, stats)
+        del base, x
+
+
 def _run_pass(
     inp: MergeInputs,
     method: MethodSpec,
@@ -294,57 +371,21 @@ def _run_pass(
     to the radix select (two more sweeps, and four more to make float64 values exact). When every
     order statistic is presampled (from earlier captures) the first sweep is skipped and the
     reductions run in the gathering sweep."""
-    reduces = [r for r in requests if isinstance(r, Reduce)]
+    reductions = _Reductions(inp, [r for r in requests if isinstance(r, Reduce)])
     orders = [r for r in requests if isinstance(r, OrderStat)]
     caps = [r for r in requests if isinstance(r, SampleCapture)]
     presampled = _presampled(requests)
     n = len(inp.models)
     total = sum(math.prod(inp.shapes[name]) for name in inp.names)  # values per row
     samplers = {o.key: SampleSelect(n, total, what=o.key) for o in orders}
-    capturers: dict[str, SampleSelect] = {}
-    ranks: dict[str, torch.Tensor] = {}
-    totals: dict[str, torch.Tensor | None] = {r.key: None for r in reduces}
-    pending = {r.key: _Partials(n) for r in reduces}
-    current: str | None = None
-
-    def close_tensor(name: str) -> None:
-        for r in reduces:
-            part = pending[r.key].take()
-            red = (
-                part.sum(dim=1)
-                if r.op == "sum"
-                else (part.amax(dim=1) if r.op == "max" else part.amin(dim=1))
-            )
-            if r.per_tensor_mean:
-                red = red / max(math.prod(inp.shapes[name]), 1)
-            totals[r.key] = _combine(totals[r.key], red, r.op)
-
-    def reduce_chunk(name: str, ctx: TensorCtx) -> None:
-        nonlocal current
-        if name != current:
-            if current is not None:
-                close_tensor(current)
-            rows_total = inp.shapes[name][0] if len(inp.shapes[name]) >= 2 else 1
-            for r in reduces:
-                pending[r.key].start(rows_total)
-            current = name
-        for r in reduces:
-            pending[r.key].add(r.fn(ctx))
-
-    def finish_reduces() -> None:
-        if current is not None and reduces:
-            close_tensor(current)
-        for r in reduces:
-            t = totals[r.key]
-            stats[r.key] = t if t is not None else torch.zeros(n, dtype=torch.float64)
-
-    if not presampled:
-        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-            if inp.progress:
-                inp.progress("stats", name)
-            ctx = _ctx(inp, name, rows, base, x, stats)
-            if reduces:
-                reduce_chunk(name, ctx)
+    if presampled:
+        for o in orders:
+            assert o.presample is not None
+            samplers[o.key].install_sample(o.presample(stats, captures), total)
+    else:
+        capturers: dict[str, SampleSelect] = {}
+        for name, ctx in _sweep(inp, method, stats):
+            reductions.add(name, ctx)
             for o in orders:
                 samplers[o.key].add_sample(o.fn(ctx), name, check=not o.nan_free)
             for c in caps:
@@ -352,15 +393,12 @@ def _run_pass(
                 if c.key not in capturers:
                     capturers[c.key] = SampleSelect(values.shape[0], total, what=c.key)
                 capturers[c.key].add_sample(values, name, check=False)
-        finish_reduces()
+        reductions.finish(stats)
         for key, cap in capturers.items():
             captures[key] = cap.captured()
-    else:
-        for o in orders:
-            assert o.presample is not None
-            samplers[o.key].install_sample(o.presample(stats, captures), total)
     if not orders:
         return
+    ranks: dict[str, torch.Tensor] = {}
     for o in orders:
         sampler = samplers[o.key]
         if sampler.count == 0:
@@ -369,16 +407,13 @@ def _run_pass(
             )
         ranks[o.key] = torch.full((n,), o.rank(sampler.count), dtype=torch.int64)
         sampler.set_ranks(ranks[o.key])
-    for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-        if inp.progress:
-            inp.progress("stats", name)
-        ctx = _ctx(inp, name, rows, base, x, stats)
-        if presampled and reduces:
-            reduce_chunk(name, ctx)
+    for name, ctx in _sweep(inp, method, stats):
+        if presampled:
+            reductions.add(name, ctx)
         for o in orders:
             samplers[o.key].add_gather(o.fn(ctx), name)
     if presampled:
-        finish_reduces()
+        reductions.finish(stats)
     missed: list[OrderStat] = []
     for o in orders:
         found = samplers[o.key].finish()
@@ -415,10 +450,7 @@ def _select_sweeps(
     """Exact float32 order statistics of the values ``fns`` yield: two sweeps over the data."""
     selects = {k: RadixSelect(len(inp.models), what=k) for k in fns}
     for level in (1, 2):
-        for name, rows, base, x in _iter_loaded(inp, method, chunked=True):
-            if inp.progress:
-                inp.progress("stats", name)
-            ctx = _ctx(inp, name, rows, base, x, stats)
+        for name, ctx in _sweep(inp, method, stats):
             for k, fn in fns.items():
                 sel = selects[k]
                 (sel.add_level1 if level == 1 else sel.add_level2)(fn(ctx), name)
@@ -482,10 +514,11 @@ def _refine_float64(
 def run_merge(
     inp: MergeInputs,
     method: MethodSpec,
-    emit: Callable[[str, Rows, torch.Tensor | EMRTensor], None],
+    emit: Callable[[str, Rows, Any], None],
 ) -> MergeOutcome:
-    """Run the statistics passes, then the apply pass; ``emit`` receives each merged tensor/chunk
-    in the compute dtype, on ``inp.device`` (casting and moving to the CPU is the sink's job)."""
+    """Run the statistics passes, then the apply pass; ``emit`` receives what ``apply`` returns for
+    each merged tensor/chunk, in the compute dtype, on ``inp.device`` (casting and moving to the CPU
+    is the output writer's job)."""
     if len(inp.models) < 1:
         raise ValueError("no models to merge")
     stats: dict[str, torch.Tensor] = {}
@@ -497,7 +530,7 @@ def run_merge(
     if inp.skip_apply:  # statistics above saw every tensor; the results of these are on disk already
         apply_inp = dataclasses.replace(inp, names=[n for n in inp.names if n not in inp.skip_apply])
     for name, rows, base, x in _iter_loaded(
-        apply_inp, method, chunked=method.is_elementwise(inp.model_params)
+        apply_inp, method, chunked=method.is_row_chunkable(inp.model_params)
     ):
         if inp.progress:
             inp.progress("apply", name)

@@ -1,8 +1,9 @@
 """Merge checkpoints described by a config into an output directory: the product's main job.
 
-open sources (headers only) -> plan (every user error reported here) -> statistics passes ->
-apply pass with positioned writes -> finalize (index, config.json, tokenizer, model card,
-resolved config) -> one atomic rename onto OUT.
+open sources (headers only) -> plan (every user error reported here) -> the method's output
+writer (``MethodSpec.output``: a checkpoint, EMR's artifact, ...) -> statistics passes -> apply
+pass into the writer -> finish (the writer's files; then tokenizer, model card, resolved config)
+-> one atomic rename onto OUT.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from weightmerge.engine.card import model_card
 from weightmerge.engine.plan import MergePlan, build_plan
 from weightmerge.engine.stream import stream_merge
 from weightmerge.io.base import TensorSource
+from weightmerge.io.output import OutputJob
 
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 
@@ -63,9 +65,19 @@ class OpenedInputs:
     config: MergeConfig
     base: TensorSource | None
     models: list[TensorSource]
-    model_params: dict[str, Any]
     plan: MergePlan
-    params_by_tensor: dict[str, dict[str, Any]]
+
+    @property
+    def model_params(self) -> Mapping[str, Any]:
+        return self.plan.model_params
+
+    @property
+    def labels(self) -> list[str]:
+        """What the user named each model (the adapter for ``path+lora``)."""
+        return [e.model.lora or e.model.path for e in self.config.models]
+
+    def job(self) -> OutputJob:
+        return self.plan.output_job(self.base, self.models, labels=self.labels)
 
     def close(self) -> None:
         for s in ([self.base] if self.base is not None else []) + self.models:
@@ -89,94 +101,24 @@ def open_and_plan(cfg: MergeConfig, *, max_memory: int | None = None) -> OpenedI
         if paths is None:
             continue
         model_params[key] = [open_source(str(p)) if isinstance(p, (str, os.PathLike)) else p for p in paths]
-    spec.check(model_params, len(models))
     plan = build_plan(
         spec,
         base,
         models,
         model_params=model_params,
+        tensor_params=cfg.params_by_tensor,
         exclude=cfg.exclude,
         out_dtype=cfg.output_dtype,
         compute_dtype=cfg.compute_dtype,
         max_memory=max_memory,
     )
-    by_tensor = cfg.params_by_tensor([t.name for t in plan.merged])
-    for name, p in by_tensor.items():
-        for key in spec.aux_inputs:  # statistics are model-level: use the opened sources
-            if key in model_params:
-                p[key] = model_params[key]
-        del name
-    return OpenedInputs(cfg, base, models, model_params, plan, by_tensor)
-
-
-JOURNAL = "wm-journal.txt"
-
-
-class _Journal:
-    """The sink of a resumable merge: writes go to the shard writer, and the names of tensors
-    whose every row is written are appended to ``wm-journal.txt`` in the scratch directory after
-    the shards are fsynced (in batches), so a resumed run can trust every name it lists even after
-    a power loss. Names are written one per line, JSON-quoted; a torn last line is ignored."""
-
-    def __init__(self, path: Path, writer: Any) -> None:
-        self.path, self.writer = path, writer
-        # about 32 journal flushes per merge, each between 64 KiB and 256 MiB of output
-        self.batch_bytes = min(256 << 20, max(64 << 10, int(writer.total_size) // 32))
-        self.pending: list[str] = []
-        self.pending_bytes = 0
-        self.fd: int | None = None
-
-    def replay(self) -> list[str]:
-        """Names recorded by an interrupted run, marked written in the writer (its shards kept)."""
-        if not self.path.exists():
-            return []
-        done = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                name = json.loads(line)
-            except ValueError:
-                break  # torn write at the kill: everything after it is redone
-            if not isinstance(name, str):
-                break
-            try:
-                self.writer.mark_written(name)
-            except (KeyError, ValueError):
-                return self._restart()
-            done.append(name)
-        return done
-
-    def _restart(self) -> list[str]:
-        self.path.unlink()
-        return []
-
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
-        self.writer.write(name, tensor, rows)
-        if self.writer.complete(name):
-            self.pending.append(name)
-        self.pending_bytes += tensor.numel() * tensor.element_size()
-        if self.pending_bytes >= self.batch_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        self.writer.sync()  # the data first, then the names that vouch for it
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(self.fd, "".join(json.dumps(n) + "\n" for n in self.pending).encode())
-        os.fsync(self.fd)
-        self.pending, self.pending_bytes = [], 0
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    return OpenedInputs(cfg, base, models, plan)
 
 
 def merge_identity(cfg: MergeConfig, opts: MergeOptions, device: str) -> dict[str, Any]:
     """What a merge's output depends on: the resolved config, the options that change the bytes
     written, and every input file's path, size and modification time. ``key`` hashes it all."""
-    from weightmerge import __version__
+    from weightmerge.version import __version__
 
     inputs = []
     for p in input_paths(cfg):
@@ -201,17 +143,6 @@ def merge_identity(cfg: MergeConfig, opts: MergeOptions, device: str) -> dict[st
     return ident
 
 
-def planned_output_bytes(plan: MergePlan) -> int:
-    """Bytes the output's tensors take (an EMR artifact: the unified vector plus one bit per
-    merged parameter and task), without headers and small files."""
-    size = lambda t: t.numel * torch.empty((), dtype=t.out_dtype).element_size()  # noqa: E731
-    if plan.method.name == "emr":
-        return sum(size(t) for t in plan.merged) + plan.n_models * sum(
-            (t.numel + 7) // 8 for t in plan.merged
-        )
-    return sum(size(t) for t in plan.tensors)
-
-
 def input_paths(cfg: MergeConfig) -> list[str]:
     """Every path the merge reads: models, adapters, statistics folders, the tokenizer folder."""
     refs = ([cfg.base_model] if cfg.base_model is not None else []) + [e.model for e in cfg.models]
@@ -222,20 +153,6 @@ def input_paths(cfg: MergeConfig) -> list[str]:
     if cfg.tokenizer_path is not None:
         paths.append(cfg.tokenizer_path)
     return paths
-
-
-def _write_config_json(src: TensorSource, out: Path, plan: MergePlan) -> None:
-    if src.config is None:
-        return
-    config = dict(src.config)
-    dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
-    if len(dtypes) == 1:
-        name = str(next(iter(dtypes))).replace("torch.", "")
-        if "dtype" in config or "torch_dtype" not in config:
-            config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _tokenizer_dir(cfg: MergeConfig) -> str | None:
@@ -258,7 +175,6 @@ def merge_config(
         check_output_clear,
         copy_tokenizer_files,
     )
-    from weightmerge.io.writer import ShardedSafetensorsWriter
 
     opts = options or MergeOptions()
     device = resolve_device(opts.device)  # a bad choice fails before anything is read
@@ -268,61 +184,41 @@ def merge_config(
     t0 = time.perf_counter()
     inputs = open_and_plan(cfg, max_memory=opts.max_memory)
     plan = inputs.plan
+    output = plan.method.output
     timings: dict[str, float] = {"plan_s": time.perf_counter() - t0}
     extras: dict[str, Any] = {"device": str(device)}
-    ref = inputs.base if inputs.base is not None else inputs.models[0]
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
-    if opts.resume and plan.method.name == "emr":
+    if opts.resume and not output.resumable:
         inputs.close()
         raise ValueError(
-            "--resume is not supported for merge_method emr (it writes an artifact); rerun without it"
+            f"--resume is not supported for merge_method {plan.method.name} (its output, {output.kind}, "
+            "cannot be resumed); rerun without it"
         )
     identity = merge_identity(cfg, opts, str(device))
     try:
-        check_free_space(out, planned_output_bytes(plan))
+        check_free_space(out, output.planned_bytes(inputs.job()))
         with atomic_output_dir(out, force=opts.force, identity=identity, resume=opts.resume) as tmp:
             tmp = Path(tmp)
-            if plan.method.name == "emr":
-                from weightmerge.emr_artifact import stream_emr_artifact
-
-                outcome, t = stream_emr_artifact(inputs, tmp, opts, device=device)
-                timings.update(t)
-                extras.update(outcome.extras)
-            else:
-                layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
-                writer = ShardedSafetensorsWriter(
-                    tmp, layout, shard_size=opts.shard_size, resume=(tmp / JOURNAL).exists()
+            writer = output.to_directory(inputs.job(), tmp, shard_size=opts.shard_size)
+            try:
+                outcome, t = stream_merge(
+                    plan,
+                    inputs.base,
+                    inputs.models,
+                    writer=writer,
+                    skip_apply=writer.done,
+                    seed=cfg.seed,
+                    quiet=opts.quiet,
+                    prefetch=opts.prefetch,
+                    device=device,
+                    allow_nonfinite=opts.allow_nonfinite,
                 )
-                journal = _Journal(tmp / JOURNAL, writer)
-                done = journal.replay()
-                if done:
-                    extras["resumed_tensors"] = len(done)
-                try:
-                    outcome, t = stream_merge(
-                        plan,
-                        inputs.base,
-                        inputs.models,
-                        params_for=lambda name: inputs.params_by_tensor[name],
-                        model_params=inputs.model_params,
-                        sink=journal,
-                        skip_apply=frozenset(done),
-                        seed=cfg.seed,
-                        quiet=opts.quiet,
-                        prefetch=opts.prefetch,
-                        device=device,
-                        allow_nonfinite=opts.allow_nonfinite,
-                    )
-                    timings.update(t)
-                    t2 = time.perf_counter()
-                    journal.close()
-                    writer.finalize()
-                    timings["finalize_s"] = time.perf_counter() - t2
-                finally:
-                    close = getattr(writer, "close", None)
-                    if close is not None:
-                        close()
                 extras.update(outcome.extras)
-                _write_config_json(ref, tmp, plan)
+                extras.update(writer.finish(outcome.extras))
+                timings.update(writer.timings)
+                timings.update(t)
+            finally:
+                writer.close()
             tok = _tokenizer_dir(cfg)
             if opts.copy_tokenizer and tok is not None:
                 copy_tokenizer_files(tok, tmp)
@@ -330,7 +226,7 @@ def merge_config(
             if cfg.chat_template and not (tmp / "chat_template.jinja").exists():
                 resolved["chat_template"] = cfg.chat_template
             (tmp / "weightmerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            for scratch in (JOURNAL, RESUME_FILE):  # bookkeeping of --resume: not part of the output
+            for scratch in (*writer.scratch_files, RESUME_FILE):  # bookkeeping of --resume: not output
                 (tmp / scratch).unlink(missing_ok=True)
             (tmp / "README.md").write_text(
                 model_card(
@@ -345,11 +241,3 @@ def merge_config(
         inputs.close()
     timings["total_s"] = time.perf_counter() - t0
     return MergeReport(out=os.fspath(out), plan=plan, timings=timings, extras=extras)
-
-
-def plan_config(cfg: MergeConfig, *, max_memory: int | None = None) -> Mapping[str, Any]:
-    inputs = open_and_plan(cfg, max_memory=max_memory)
-    try:
-        return {"plan": inputs.plan, "text": inputs.plan.describe()}
-    finally:
-        inputs.close()

@@ -1,24 +1,21 @@
-"""Streaming execution of a planned merge: readers over checkpoint sources, the shared driver,
-positioned writes of each merged tensor (or row chunk) into a sink, with a progress bar."""
+"""Execution of a planned merge, in memory or streamed: readers over the plan's sources, the shared
+driver, each merged tensor (or row chunk) handed to the method's output writer
+(``weightmerge.io.output``), with a progress bar."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from weightmerge.engine.driver import MergeInputs, MergeOutcome, Rows, run_merge, sweeps_of
 from weightmerge.engine.plan import MergePlan
 from weightmerge.io.base import TensorSource
+from weightmerge.io.output import OutputWriter
 from weightmerge.methods.aux import gather_aux
-from weightmerge.methods.base import EMRTensor
-
-
-class Sink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None: ...
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -89,10 +86,7 @@ def stream_merge(
     base: TensorSource | None,
     models: Sequence[TensorSource],
     *,
-    params_for: Callable[[str], Mapping[str, Any]],
-    model_params: Mapping[str, Any],
-    sink: Sink,
-    emr_sink: Callable[[str, Rows, EMRTensor], None] | None = None,
+    writer: OutputWriter,
     seed: int = 0,
     quiet: bool = False,
     prefetch: bool = True,
@@ -100,15 +94,15 @@ def stream_merge(
     allow_nonfinite: bool = False,
     skip_apply: frozenset[str] = frozenset(),
 ) -> tuple[MergeOutcome, dict[str, float]]:
-    """Run ``plan``: copy the non-merged tensors, then merge the rest into ``sink``.
-
-    Returns the driver outcome and timings. Output dtypes are the plan's; casting (on ``device``,
-    default the CPU) and the copy back to the CPU happen here.
+    """Run ``plan``: the statistics passes, then the apply pass into ``writer.write`` (each merged
+    tensor or row chunk, in the compute dtype, on ``device``, default the CPU). Copied tensors are
+    the writer's business. Returns the driver outcome and timings; ``writer.finish`` is the
+    caller's (with ``outcome.extras``).
     """
     method = plan.method
+    model_params = plan.model_params
     ref = base if base is not None else models[0]
     merged = plan.merged
-    out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
     chunk = {t.name: t.chunk_rows for t in merged}
     shapes = {t.name: t.shape for t in merged}
     sizes = {
@@ -120,12 +114,6 @@ def stream_merge(
         sweeps += sweeps_of(requests)
     progress = _Progress(sum(sizes.values()) * (sweeps + 1), quiet)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    for t in plan.tensors:
-        if t.action == "copy" and t.name not in skip_apply:
-            sink.write(t.name, ref.read(t.name).to(t.out_dtype))
-    timings["copy_s"] = time.perf_counter() - t0
 
     aux_maps: dict[str, list[Mapping[str, torch.Tensor]]] = {}
     for key in method.aux_inputs:
@@ -147,12 +135,13 @@ def stream_merge(
         share = sizes[name] if rows is None else sizes[name] * min(rows, shapes[name][0]) // shapes[name][0]
         progress.add(share, name)
 
+    params = plan.tensor_params
     inp = MergeInputs(
         names=[t.name for t in merged],
         shapes=shapes,
         base=_reader(base, {}) if base is not None else None,
         models=[_reader(m, plan.aliases[i] if plan.aliases else {}) for i, m in enumerate(models)],
-        params_for=params_for,
+        params_for=lambda name: params[name],
         model_params=model_params,
         seed=seed,
         compute_dtype=plan.compute_dtype,
@@ -165,18 +154,9 @@ def stream_merge(
         allow_nonfinite=allow_nonfinite,
         skip_apply=skip_apply,
     )
-
-    def emit(name: str, rows: Rows, out: torch.Tensor | EMRTensor) -> None:
-        if isinstance(out, EMRTensor):
-            if emr_sink is None:
-                raise ValueError("method 'emr' produces an artifact; use the EMR output path")
-            emr_sink(name, rows, EMRTensor(unified=out.unified.cpu(), masks=out.masks.cpu()))
-            return
-        sink.write(name, out.to(out_dtypes[name]).cpu(), rows)
-
     t1 = time.perf_counter()
     try:
-        outcome = run_merge(inp, method, emit)
+        outcome = run_merge(inp, method, writer.write)
     finally:
         progress.close()
     timings["merge_s"] = time.perf_counter() - t1

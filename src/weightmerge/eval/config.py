@@ -15,6 +15,7 @@ Example (the full schema; every key but ``tasks`` and ``methods`` has a default)
     multitask: true                # also train one model per seed on all held-in tasks (a row)
     image_size: 32                 # vision models: images are resized to image_size^2
     reuse_runs: true               # a finished (model, base, seed) run is cached and not recomputed
+    device: cpu                    # fine-tuning on cuda / cuda:N / mps (merges and scores: CPU)
     tasks: [wn_noun_a, fortune_topic, ...]      # held-in: one expert each, merged
     held_out: [vader_words]        # scored, never merged (see docs/evaluation.md)
     seeds: [0, 1, 2]               # each seed: new data splits, new experts
@@ -126,6 +127,7 @@ class EvalConfig(_Doc):
     multitask: bool = False  # the multitask baseline row (one model on all held-in tasks)
     image_size: int = Field(default=32, ge=8, le=512)
     reuse_runs: bool = True  # load a (model, base, seed) run from the cache when its inputs are unchanged
+    device: str = "cpu"  # where fine-tuning runs: cpu, cuda, cuda:N (merging and scoring stay on the CPU)
     tasks: list[str] = Field(min_length=1)
     held_out: list[str] = Field(default_factory=list)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -166,6 +168,8 @@ class EvalConfig(_Doc):
                 raise ValueError(f"{key}: {dup[0]!r} listed twice")
         if "multitask" in self.bases and not self.base_tasks:
             raise ValueError("bases: the 'multitask' base needs base_tasks (the mixture it is trained on)")
+        if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
+            raise ValueError(f"device: {self.device!r} is not cpu, cuda, cuda:N or mps")
         if not self.bases:
             raise ValueError("bases: give at least one of pretrained, multitask, random")
         labels = [m.name for m in self.methods]

@@ -26,9 +26,12 @@ def pooled_features(body: nn.Module, enc: Split, *, batch_size: int = EVAL_BATCH
     was_training = body.training
     body.eval()
     out: torch.Tensor | None = None
+    device = next(body.parameters()).device  # fine-tuning may run on a GPU (--device)
     for index in enc.inference_order(batch_size):
         inputs, _ = enc.batch(index)
-        pooled = enc.pool(body, *inputs).float()
+        if device.type != "cpu":
+            inputs = tuple(x.to(device) for x in inputs)
+        pooled = enc.pool(body, *inputs).float().cpu()
         if out is None:
             out = torch.empty((len(enc), pooled.shape[1]), dtype=torch.float32)
         out[torch.tensor(index)] = pooled

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from weightmerge.eval.tasks import class_quotas, derive_rng
+from weightmerge.eval.splits import class_quotas, derive_rng
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ def load_encoder(model: str, *, cache_dir: str | os.PathLike[str]) -> Encoder:
 def body_state(body: nn.Module) -> dict[str, torch.Tensor]:
     """The float parameters of a body, detached and cloned (buffers such as position ids are not
     merged and stay as loaded)."""
-    return {k: p.detach().clone() for k, p in body.named_parameters()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in body.named_parameters()}
 
 
 def load_body_state(body: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

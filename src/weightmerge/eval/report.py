@@ -13,6 +13,7 @@ The report dict (written as ``report.json``) has three parts:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -20,15 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from weightmerge.eval.config import EvalConfig
-
-
-def stat(values: Sequence[float | None]) -> dict[str, Any] | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(vals), "values": vals}
+from weightmerge.eval.tables import fmt, stat
+from weightmerge.eval.tables import table as _table
 
 
 def row_order(cfg: EvalConfig) -> list[str]:
@@ -158,14 +152,6 @@ def aggregate(cfg: EvalConfig, per_seed: Sequence[Mapping[str, Any]]) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def fmt(s: Mapping[str, Any] | None, *, digits: int = 3, spread: bool = True) -> str:
-    if s is None:
-        return "-"
-    if not spread or s["n"] < 2:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
-
 def _fmt_params(params: Sequence[Any]) -> str:
     if all(p is None for p in params):
         return ""  # a reference row
@@ -178,12 +164,6 @@ def _fmt_params(params: Sequence[Any]) -> str:
     if len(set(distinct)) == 1:
         return distinct[0]
     return " / ".join(distinct)  # one per seed (tuned rows pick per seed)
-
-
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -262,6 +242,22 @@ def markdown(report: Mapping[str, Any]) -> str:
         ]
         body = [[label, *(fmt(v.get(str(k))) for k in sizes)] for label, v in summ["sweep"].items()]
         out += _table(["method", *(f"k={k}" for k in sizes)], body)
+    pairs = paired_differences(report)
+    if pairs:
+        out += [
+            "",
+            "## Paired differences",
+            "",
+            "Normalised held-in of method A minus method B on the same experts, per seed; and over "
+            "every (seed, task) pair: mean difference and how often A is ahead / level / behind.",
+            "",
+        ]
+        body = [
+            [f"{d['a']} − {d['b']}", ", ".join(f"{x:+.3f}" for x in d["per_seed"]), f"{d['mean']:+.3f}",
+             f"{d['task_mean']:+.4f}", f"{d['ahead']} / {d['level']} / {d['behind']}"]
+            for d in pairs
+        ]  # fmt: skip
+        out += _table(["A − B", "per seed", "mean", "per (seed, task) mean", "ahead / level / behind"], body)
     out += ["", "## Experts", ""]
     body = [
         [t, fmt(e["val_accuracy"]), fmt(e["test_accuracy"]), fmt(e["train_seconds"], digits=1)]
@@ -272,6 +268,39 @@ def markdown(report: Mapping[str, Any]) -> str:
     if cmd:
         out += ["", "Command: `" + " ".join(cmd) + "`"]
     return "\n".join(out) + "\n"
+
+
+ORDERING = ("emr", "pcb", "ties", "task_arithmetic", "average")
+
+
+def paired_differences(report: Mapping[str, Any], order: Sequence[str] = ORDERING) -> list[dict[str, Any]]:
+    """Paired differences of normalised held-in between consecutive rows of ``order`` that the
+    run has (e.g. pcb − ties, ties − task_arithmetic, task_arithmetic − average), per seed and
+    per (seed, task); the same experts make the pairs."""
+    per_seed = report.get("per_seed", [])
+    present = [m for m in order if per_seed and all(m in s["rows"] for s in per_seed)]
+    out = []
+    for a, b in itertools.pairwise(present):
+        diffs = [s["rows"][a]["normalized_avg"] - s["rows"][b]["normalized_avg"] for s in per_seed]
+        task_diffs = [
+            s["rows"][a]["normalized"][t] - s["rows"][b]["normalized"][t]
+            for s in per_seed
+            for t in s["rows"][a]["normalized"]
+            if s["rows"][a]["normalized"][t] is not None and s["rows"][b]["normalized"].get(t) is not None
+        ]
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "per_seed": diffs,
+                "mean": sum(diffs) / len(diffs),
+                "task_mean": sum(task_diffs) / len(task_diffs) if task_diffs else math.nan,
+                "ahead": sum(d > 1e-12 for d in task_diffs),
+                "level": sum(abs(d) <= 1e-12 for d in task_diffs),
+                "behind": sum(d < -1e-12 for d in task_diffs),
+            }
+        )
+    return out
 
 
 def console_table(report: Mapping[str, Any]) -> str:

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from weightmerge import __version__
-from weightmerge.api import EMRResult, merge_state_dicts
+from weightmerge.api import merge_state_dicts
+from weightmerge.emr.result import EMRResult
 from weightmerge.eval import stats as stats_lib
 from weightmerge.eval.cache import default_cache_dir
 from weightmerge.eval.config import EvalConfig, MethodEntry, config_hash, grid_points, params_key
@@ -63,6 +63,7 @@ from weightmerge.eval.train import (
     load_or_train_multitask,
 )
 from weightmerge.methods.registry import get_method
+from weightmerge.version import __version__
 
 StateDict = Mapping[str, torch.Tensor]
 Log = Callable[[str], None]
@@ -194,6 +195,7 @@ def prepare_seed(
             seed=derive_seed(seed, name),
             cache_dir=cache_dir,
             progress=progress,
+            device=cfg.device,
         )
         ctx.experts[name] = expert
         how = "cached" if expert.cached else f"trained in {expert.seconds:.1f} s"
@@ -207,6 +209,7 @@ def prepare_seed(
             seed=derive_seed(seed, "multitask"),
             cache_dir=cache_dir,
             progress=progress,
+            device=cfg.device,
         )
         mt = ctx.multitask
         how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
@@ -781,6 +784,7 @@ def make_base(
         seed=cfg.base_seed,
         cache_dir=cache_dir,
         progress=progress,
+        device=cfg.device,
         label="base",
     )
     how = "cached" if mt.cached else f"trained in {mt.seconds:.1f} s"
@@ -811,6 +815,14 @@ def _run_key(cfg: EvalConfig, family: ExpertFamily, seed: int) -> str:
     return cache_lib.content_key(
         {"kind": "run", "version": RUN_VERSION, "config": data, "model": family.fingerprint, "seed": seed}
     )
+
+
+def check_device(device: str) -> None:
+    """Fail before any work when the fine-tuning device is not there."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available (torch {torch.__version__}); use cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': Apple's Metal backend is not available; use cpu")
 
 
 def run_cell(
@@ -859,6 +871,7 @@ def run_eval(
     hint = contention_hint()
     if hint:
         log(hint)
+    check_device(cfg.device)
     cache = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
     cells = []
     families = []

@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from weightmerge.eval.report import _table, fmt, stat
+from weightmerge.eval.tables import fmt, stat
+from weightmerge.eval.tables import table as _table
 
 MERGE_EXCLUDE = ("individual", "base", "multitask")
 
@@ -55,13 +56,22 @@ def methods_of(report: Mapping[str, Any], *, merges_only: bool = False) -> list[
     return [m for m in order if not (merges_only and m in MERGE_EXCLUDE)]
 
 
-def value(report: Mapping[str, Any], model: str, base: str, method: str, key: str) -> dict[str, Any] | None:
+def swept_methods(report: Mapping[str, Any]) -> list[str]:
+    """Merge rows that have an experts-count sweep (the entries' default points)."""
+    have = {m for c in _cells(report) for m in c["summary"]["sweep"]}
+    return [m for m in methods_of(report, merges_only=True) if m in have]
+
+
+def _value(report: Mapping[str, Any], model: str, base: str, method: str, key: str) -> dict[str, Any] | None:
     """Mean/std over seeds of ``key`` (normalized_avg, held_out_normalized_avg, avg) of one row."""
     c = cell(report, model, base)
     if c is None or method not in c["summary"]["rows"]:
         return None
     s: dict[str, Any] | None = c["summary"]["rows"][method].get(key)
     return s
+
+
+value = _value
 
 
 def sweep_value(
@@ -83,12 +93,35 @@ def _mean(s: Mapping[str, Any] | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+LEARNT_MARGIN = 0.05
+
+
+def unlearnt_cells(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(model, base) cells whose experts did not learn: their mean test accuracy is within
+    ``LEARNT_MARGIN`` of the base body's with the experts' heads. A normalised score there divides
+    by chance-level accuracy and says nothing, so the findings leave such cells out."""
+    out = []
+    for c in _cells(report):
+        ind = c["summary"]["rows"].get("individual", {}).get("avg")
+        base = c["summary"]["rows"].get("base", {}).get("avg")
+        if ind is not None and base is not None and ind["mean"] <= base["mean"] + LEARNT_MARGIN:
+            out.append((c["model"], c["base"]))
+    return out
+
+
 def findings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The paper's main findings, each checked on this run: {"finding", "holds", "evidence"}."""
+    """The paper's main findings, each checked on this run: {"finding", "holds", "evidence"}.
+    Cells whose experts did not learn (`unlearnt_cells`) are left out."""
     models = [m for m, _ in models_of(report)]
     bases = bases_of(report)
     merges = methods_of(report, merges_only=True)
     out: list[dict[str, Any]] = []
+    skip = set(unlearnt_cells(report))
+
+    def value(
+        report: Mapping[str, Any], model: str, base: str, method: str, key: str
+    ) -> dict[str, Any] | None:
+        return None if (model, base) in skip else _value(report, model, base, method, key)
 
     def add(text: str, pairs: list[tuple[str, float, float]], *, better: str = "higher") -> None:
         if not pairs:
@@ -173,7 +206,7 @@ def findings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     for m in models:
         for base in bases:
             c = cell(report, m, base)
-            if c is None:
+            if c is None or (m, base) in skip:
                 continue
             for meth in merges:
                 sw = c["summary"]["sweep"].get(meth, {})
@@ -222,7 +255,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     if "multitask" in bases and "pretrained" in bases:
         out += ["## Base quality: multitask base minus pretrained base (normalised held-in)", ""]
         body = []
-        for meth in methods:
+        for meth in [x for x in methods if x != "individual"]:
             line = [meth]
             for m, _ in models:
                 mt = value(report, m, "multitask", meth, "normalized_avg")
@@ -236,10 +269,18 @@ def markdown(report: Mapping[str, Any]) -> str:
         body = []
         for m, _ in models:
             for base in bases:
-                for meth in methods_of(report, merges_only=True):
+                for meth in swept_methods(report):
                     body.append([m, base, meth, *(fmt(sweep_value(report, m, base, meth, k)) for k in ks)])
         out += [*_table(["model", "base", "method", *(f"k={k}" for k in ks)], body), ""]
     out += ['## Findings of "What Matters for Model Merging at Scale", checked on this run', ""]
+    skipped = unlearnt_cells(report)
+    if skipped:
+        out += [
+            "Left out: " + ", ".join(f"{m} / {b}" for m, b in skipped) + " -- the experts did not learn "
+            f"(mean test accuracy within {LEARNT_MARGIN} of the base body's), so their normalised scores "
+            "divide by chance-level accuracies.",
+            "",
+        ]
     for f in findings(report):
         verdict = "holds" if f["holds"] else "does not hold"
         out.append(f"- **{verdict}** ({f['wins']}/{f['of']}): {f['finding']}. {f['evidence']}")
@@ -311,7 +352,7 @@ def plot_vs_experts(report: Mapping[str, Any], path: Path, *, title: str) -> Non
         c0 = cell(report, models[0], base)
         if c0 is None:
             continue
-        for i, meth in enumerate(methods_of(report, merges_only=True)):
+        for i, meth in enumerate(swept_methods(report)):
             for j, m in enumerate(models):
                 c = cell(report, m, base)
                 sw = {} if c is None else c["summary"]["sweep"].get(meth, {})

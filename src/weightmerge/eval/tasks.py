@@ -28,10 +28,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from weightmerge.eval.splits import class_quotas, derive_rng
 
 Example = tuple[str, int]  # (text, label index)
 
@@ -124,17 +125,6 @@ def _check_example(task: str, split: str, i: int, ex: object, k: int) -> Example
 
 # --------------------------------------------------------------------------------------------------
 # balanced seeded splits
-
-
-def derive_rng(*parts: object) -> random.Random:
-    """A `random.Random` seeded from sha256 of the parts' reprs: the same on every machine and run."""
-    digest = hashlib.sha256("\x1f".join(repr(p) for p in parts).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(digest[:16], "big"))
-
-
-def class_quotas(n: int, k: int) -> list[int]:
-    """`n` examples over `k` classes: `n // k` each, the first `n % k` classes one more."""
-    return [n // k + (1 if c < n % k else 0) for c in range(k)]
 
 
 def _check_sizes(task: str, sizes: Mapping[str, int]) -> None:

@@ -149,14 +149,15 @@ def fine_tune(
     seed: int,
     desc: str = "fine-tune",
     progress: bool = True,
+    device: str = "cpu",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float, tuple[tuple[float, float], ...]]:
     """Train body + head; returns (best body, best head, best validation accuracy, history)."""
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(f"{desc}: training and validation splits must not be empty")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        body = encoder.new_body()
-        head = new_head(encoder.hidden_size, n_classes, seed=seed)
+        body = encoder.new_body().to(device)
+        head = new_head(encoder.hidden_size, n_classes, seed=seed).to(device)
         model = Classifier(body, head, pool=train.pool)
         opt = torch.optim.AdamW(
             [
@@ -189,7 +190,7 @@ def fine_tune(
             ):
                 model.train()
                 encoder.train_mode(body)
-                inputs, labels = train.batch(batch)
+                inputs, labels = _to(train.batch(batch), device)
                 loss = nn.functional.cross_entropy(model(*inputs), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -207,7 +208,7 @@ def fine_tune(
                     if acc > best_acc:
                         best_acc, bad = acc, 0
                         best_body = body_state(body)
-                        best_head = {k: v.clone() for k, v in head_sd.items()}
+                        best_head = {k: v.to("cpu", copy=True) for k, v in head_sd.items()}
                     else:
                         bad += 1
                         if bad >= settings.patience:
@@ -217,6 +218,15 @@ def fine_tune(
                 break
         bar.close()
     return best_body, best_head, best_acc, tuple(history)
+
+
+def _to(
+    batch: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: str
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if device == "cpu":
+        return batch
+    inputs, labels = batch
+    return tuple(x.to(device) for x in inputs), labels.to(device)
 
 
 def load_or_train(
@@ -231,6 +241,7 @@ def load_or_train(
     seed: int,
     cache_dir: Path,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Expert:
     """The expert of ``task`` from the cache, or trained now and cached."""
     key = expert_key(
@@ -265,6 +276,7 @@ def load_or_train(
         seed=seed,
         desc=f"fine-tune {task}",
         progress=progress,
+        device=device,
     )
     seconds = time.perf_counter() - t0
     tensors = {**{f"body.{k}": v for k, v in body.items()}, **{f"head.{k}": v for k, v in head.items()}}
@@ -344,6 +356,7 @@ def train_multitask(
     seed: int,
     desc: str = "multitask",
     progress: bool = True,
+    device: str = "cpu",
 ) -> tuple[
     dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], float, tuple[tuple[float, float], ...], int
 ]:
@@ -353,10 +366,10 @@ def train_multitask(
     names = sorted(tasks)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        body = family.new_body()
+        body = family.new_body().to(device)
         heads = nn.ModuleDict(
             {t: new_head(family.hidden_size, tasks[t][0], seed=derive_seed(seed, t)) for t in names}
-        )
+        ).to(device)
         pool = tasks[names[0]][1].pool
         opt = torch.optim.AdamW(
             [
@@ -386,7 +399,7 @@ def train_multitask(
             for task, batch in epoch:
                 body.train()
                 family.train_mode(body)
-                inputs, labels = tasks[task][1].batch(batch)
+                inputs, labels = _to(tasks[task][1].batch(batch), device)
                 head = cast(nn.Linear, heads[task])
                 loss = nn.functional.cross_entropy(head(pool(body, *inputs)), labels)
                 opt.zero_grad(set_to_none=True)
@@ -410,8 +423,8 @@ def train_multitask(
                         best_body = body_state(body)
                         best_heads = {
                             t: {
-                                "weight": cast(nn.Linear, heads[t]).weight.detach().clone(),
-                                "bias": cast(nn.Linear, heads[t]).bias.detach().clone(),
+                                "weight": cast(nn.Linear, heads[t]).weight.detach().to("cpu", copy=True),
+                                "bias": cast(nn.Linear, heads[t]).bias.detach().to("cpu", copy=True),
                             }
                             for t in names
                         }
@@ -436,6 +449,7 @@ def load_or_train_multitask(
     cache_dir: Path,
     progress: bool = True,
     label: str = "multitask",
+    device: str = "cpu",
 ) -> MultitaskModel:
     """The multitask model of ``tasks`` from the cache, or trained now and cached."""
     names = tuple(sorted(tasks))
@@ -472,7 +486,7 @@ def load_or_train_multitask(
         )
     t0 = time.perf_counter()
     body, heads, val, history, steps = train_multitask(
-        family, tasks=tasks, settings=settings, seed=seed, desc=label, progress=progress
+        family, tasks=tasks, settings=settings, seed=seed, desc=label, progress=progress, device=device
     )
     seconds = time.perf_counter() - t0
     tensors = {f"body.{k}": v for k, v in body.items()}

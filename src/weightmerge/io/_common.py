@@ -9,40 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from weightmerge.io.safetensors_format import ST_TO_TORCH, TORCH_TO_ST, itemsize, numel
 
-# safetensors dtype names <-> torch dtypes (little-endian, as the format prescribes). Formats torch
-# cannot hold element-wise (F4/F6 packed, complex) are not listed: they are refused by name.
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+__all__ = ["ST_TO_TORCH", "TORCH_TO_ST", "check_rows", "itemsize", "load_json", "numel", "read_config"]
 
 
 def check_rows(*, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 TMP_TAG = "wm-tmp"
+NEW_TAG = "wm-new"  # a scratch directory being set up (renamed to TMP_TAG once its identity is in)
 OLD_TAG = "wm-old"
 
 TOKENIZER_FILES = (
@@ -62,7 +63,7 @@ def remove_stale(out: Path) -> list[Path]:
     """Remove scratch directories of ``out`` left by dead processes; returns what was removed.
     A set-aside old output (``wm-old``) is never removed: it may be the only copy of the user's
     previous output (a crash between the two renames of a non-exchanging replace)."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-(\d+)-[0-9a-f]+$")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{TMP_TAG}|{NEW_TAG})-(\d+)-[0-9a-f]+$")
     removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
@@ -82,7 +83,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -155,15 +156,19 @@ def atomic_output_dir(
         tmp = _claim_scratch(out, identity) if resume and identity is not None else None
         remove_stale(out)
         if tmp is None:
-            tmp = _scratch_name(out, TMP_TAG)
-            tmp.mkdir()
-        try:
+            # set up under another name and renamed: a scratch directory is never seen (by a later
+            # --resume) without its identity, even when this process is killed right here
+            new = _scratch_name(out, NEW_TAG)
+            new.mkdir()
             if identity is not None:
-                (tmp / RESUME_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+                (new / RESUME_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+            tmp = _scratch_name(out, TMP_TAG)
+            os.rename(new, tmp)
+        try:
             yield tmp
             _fsync_tree(tmp)
             _install(tmp, out, force=force)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         except BaseException:
             _remove(tmp)
             raise
@@ -229,7 +234,7 @@ def _fsync_tree(root: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def check_free_space(out: str | os.PathLike[str], need: int) -> None:

@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from weightmerge.io.safetensors_format import nbytes, numel
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -22,14 +24,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return nbytes(self.shape, self.dtype)
 
 
 @runtime_checkable

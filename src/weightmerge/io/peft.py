@@ -52,6 +52,7 @@ import torch
 
 from weightmerge.io._common import check_rows, load_json
 from weightmerge.io.base import TensorInfo, TensorSource
+from weightmerge.io.tied import tied_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -250,8 +251,6 @@ class PeftSource:
     # ---- planning (headers only) -------------------------------------------------------------
     def _base_names(self) -> dict[str, str]:
         """Names readable from the base -> the base tensor holding them (tied embeddings included)."""
-        from weightmerge.io.sources import tied_weights
-
         keys = self.base.keys()
         names = {k: k for k in keys}
         for target, source in tied_weights(self.base.config, keys).items():

@@ -1,9 +1,6 @@
-"""Reading one ``.safetensors`` file lazily: the JSON header is parsed and checked here (no tensor
-data touched), tensors and row ranges are read with positioned reads (``preadv``) into fresh memory.
-
-Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes
-of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
-then the data buffer; offsets are relative to the buffer start, data little-endian, row-major.
+"""Reading one ``.safetensors`` file lazily: the header is parsed and checked by
+``safetensors_format.read_header`` (no tensor data touched), tensors and row ranges are read with
+positioned reads (``preadv``) into fresh memory.
 
 ``read`` returns a fresh tensor the caller owns (writing into it never touches the file or later
 reads). Memory maps are not used on purpose: touched mapped pages stay resident and count in
@@ -14,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
-import json
 import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -26,10 +20,9 @@ from typing import Any
 
 import torch
 
-from weightmerge.io._common import ST_TO_TORCH, check_rows, itemsize, numel
+from weightmerge.io._common import check_rows, itemsize, numel
 from weightmerge.io.base import TensorInfo
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+from weightmerge.io.safetensors_format import read_header as read_format_header
 
 
 @dataclass(frozen=True)
@@ -43,83 +36,15 @@ def _fail(path: str, msg: str) -> ValueError:
     return ValueError(f"safetensors file {path}: {msg}")
 
 
-def _short(value: Any, limit: int = 100) -> str:
-    """A bounded repr: header values come from untrusted files (up to 100 MB of JSON)."""
-    r = repr(value)
-    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
-
-
-def _parse_entry(path: str, name: Any, raw: Any, data_start: int, file_size: int) -> _Entry:
-    if not isinstance(name, str) or not isinstance(raw, dict):
-        raise _fail(path, f"header entry {_short(name)} is not an object")
-    dtype_name = raw.get("dtype")
-    shape = raw.get("shape")
-    offsets = raw.get("data_offsets")
-    if not isinstance(dtype_name, str) or dtype_name not in ST_TO_TORCH:
-        raise _fail(
-            path,
-            f"tensor {_short(name)} has unsupported dtype {_short(dtype_name)} "
-            f"(supported: {', '.join(sorted(ST_TO_TORCH))})",
-        )
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise _fail(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
-    dtype = ST_TO_TORCH[dtype_name]
-    want = numel(tuple(shape)) * itemsize(dtype)
-    if offsets[1] - offsets[0] != want:
-        raise _fail(
-            path,
-            f"tensor {_short(name)} ({dtype_name}, shape {_short(shape)}) needs {want} bytes but its "
-            f"data_offsets {offsets} span {offsets[1] - offsets[0]}",
-        )
-    begin, end = data_start + offsets[0], data_start + offsets[1]
-    if end > file_size:
-        raise _fail(
-            path,
-            f"truncated: tensor {_short(name)} ends at byte {end} but the file has {file_size} bytes",
-        )
-    return _Entry(TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path), begin, end)
-
-
 def read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
-    """Parse and check a safetensors header: entries by name, and the ``__metadata__`` dict."""
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(path, f"truncated: {file_size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > file_size:
-            raise _fail(
-                path,
-                f"header length {n} does not fit in the file ({file_size} bytes): truncated, or not a "
-                "safetensors file",
-            )
-        raw_header = f.read(n)
-    try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(path, f"header is not valid JSON ({err}): corrupted or not a safetensors file") from None
-    except RecursionError:
-        raise _fail(path, "header JSON is nested too deeply: corrupted or not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _fail(path, "__metadata__ is not an object")
-    data_start = 8 + n
-    entries = {name: _parse_entry(path, name, raw, data_start, file_size) for name, raw in header.items()}
-    spans = sorted((e.begin, e.end, e.info.name) for e in entries.values() if e.end > e.begin)
-    for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
-        if b1 < e0:
-            raise _fail(path, f"tensors {_short(n0)} and {_short(n1)} overlap in the data buffer")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    """Parse and check a safetensors header (``safetensors_format.read_header``): entries by name,
+    and the ``__metadata__`` dict."""
+    stored, metadata = read_format_header(path)
+    entries = {
+        name: _Entry(TensorInfo(name=name, shape=st.shape, dtype=st.dtype, file=path), st.begin, st.end)
+        for name, st in stored.items()
+    }
+    return entries, metadata
 
 
 class _FdPool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightmerge.io._common import TORCH_TO_ST, check_rows, itemsize, numel
+from weightmerge.io._common import check_rows
+from weightmerge.io.atomic import fsync_dir
+from weightmerge.io.safetensors_format import (
+    TORCH_TO_ST,
+    PositionedFile,
+    encode_header,
+    itemsize,
+    nbytes,
+    numel,
+    pack,
+)
+from weightmerge.io.safetensors_format import plan_shards as plan_sizes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -58,40 +68,18 @@ class _Progress:
     calls: int = 0
 
 
-def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return numel(tuple(shape)) * itemsize(dtype)
-
-
 def plan_shards(layout: Sequence[TensorSpec], shard_size: int) -> list[list[int]]:
     """Indices into ``layout`` per shard: in order, a new shard when the next tensor would exceed
-    ``shard_size`` bytes (a tensor larger than the limit alone in its shard)."""
+    ``shard_size`` bytes (a tensor larger than the limit alone in its shard); no shard for an empty
+    layout."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size}")
-    shards: list[list[int]] = []
-    size = 0
-    for i, (_name, shape, dtype) in enumerate(layout):
-        n = tensor_nbytes(shape, dtype)
-        if not shards or (shards[-1] and size + n > shard_size):
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += n
-    return shards
+    groups = plan_sizes([nbytes(tuple(shape), dtype) for _name, shape, dtype in layout], shard_size)
+    return groups if layout else []
 
 
 def shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def _header(
-    entries: list[tuple[str, tuple[int, ...], torch.dtype, int, int]], metadata: Mapping[str, str]
-) -> bytes:
-    obj: dict[str, object] = {"__metadata__": dict(metadata)}
-    for name, shape, dtype, begin, end in entries:
-        obj[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return struct.pack("<Q", len(raw)) + raw
 
 
 def _check_layout(layout: Sequence[TensorSpec]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -111,14 +99,6 @@ def _check_layout(layout: Sequence[TensorSpec]) -> list[tuple[str, tuple[int, ..
             raise ValueError(f"tensor {name!r}: negative dimension in shape {shp}")
         out.append((name, shp, dtype))
     return out
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        if n <= 0:
-            raise OSError(f"pwrite wrote {n} bytes")
-        data, offset = data[n:], offset + n
 
 
 class ShardedSafetensorsWriter:
@@ -145,12 +125,12 @@ class ShardedSafetensorsWriter:
         self.files = shard_names(len(groups)) if specs else [SINGLE_NAME]
         self._slots: dict[str, _Slot] = {}
         self._progress: dict[str, _Progress] = {name: _Progress() for name, _, _ in specs}
-        self._fds: list[int] = []
+        self._files: list[PositionedFile] = []
         self._lock = threading.Condition()
         self._inflight = 0  # writes between bookkeeping and pwrite: close() waits for them
         self._done = False
         self._written: list[str] | None = None  # set by finalize()
-        self.total_size = sum(tensor_nbytes(s, d) for _, s, d in specs)
+        self.total_size = sum(nbytes(s, d) for _, s, d in specs)
         self.resumed_files: list[str] = []  # shards kept from an interrupted run (resume=True)
         try:
             for k, group in enumerate(groups or [[]]):
@@ -168,28 +148,19 @@ class ShardedSafetensorsWriter:
         resume: bool = False,
     ) -> None:
         order = sorted(range(len(specs)), key=lambda i: -itemsize(specs[i][2]))  # stable: given order kept
-        entries = []
-        offset = 0
-        for i in order:
-            name, shape, dtype = specs[i]
-            n = tensor_nbytes(shape, dtype)
-            entries.append((name, shape, dtype, offset, offset + n))
-            offset += n
-        head = _header(entries, meta)
-        for name, shape, dtype, begin, _end in entries:
-            self._slots[name] = _Slot(k, len(head) + begin, shape, dtype)
+        slots = pack([specs[i] for i in order])
+        head = encode_header(slots, meta, ensure_ascii=False)
+        for sl in slots:
+            self._slots[sl.name] = _Slot(k, len(head) + sl.begin, sl.shape, sl.dtype)
         path = os.path.join(self.directory, self.files[k])
-        if resume and _same_layout(path, head, len(head) + offset):
+        size = len(head) + (slots[-1].end if slots else 0)
+        if resume and _same_layout(path, head, size):
             # an interrupted run's shard of exactly this layout: keep its bytes (the caller marks
             # the tensors it knows complete with mark_written; the others are written again)
-            fd = os.open(path, os.O_RDWR)
-            self._fds.append(fd)
+            self._files.append(PositionedFile.existing(path))
             self.resumed_files.append(self.files[k])
             return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds.append(fd)
-        _pwrite_all(fd, memoryview(head), 0)
-        os.ftruncate(fd, len(head) + offset)
+        self._files.append(PositionedFile(path, head, size, exclusive=False))
 
     def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Store ``tensor`` as tensor ``name`` (or as its rows ``[start, stop)``): dtype and shape
@@ -218,12 +189,12 @@ class ShardedSafetensorsWriter:
                     )
             prog.spans.append((start, stop))
             prog.calls += 1
-            fd = self._fds[slot.shard]
+            file = self._files[slot.shard]
             self._inflight += 1
         try:
             if tensor.numel():
                 data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                _pwrite_all(fd, data.data, slot.begin + start * slot.row_bytes)
+                file.pwrite(data, slot.begin + start * slot.row_bytes)
         except BaseException:
             with self._lock:
                 prog.spans.remove((start, stop))
@@ -259,9 +230,9 @@ class ShardedSafetensorsWriter:
     def sync(self) -> None:
         """fsync the shard files written so far (what a resume may rely on after a power loss)."""
         with self._lock:
-            fds = list(self._fds)
-        for fd in fds:
-            os.fsync(fd)
+            files = list(self._files)
+        for f in files:
+            f.sync()
 
     def missing(self) -> dict[str, list[tuple[int, int]]]:
         """Tensors not completely written: name -> row ranges still missing."""
@@ -295,9 +266,9 @@ class ShardedSafetensorsWriter:
                 more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
                 raise ValueError(f"output in {self.directory} is incomplete: not written: {shown}{more}")
             self._done = True
-        for fd in self._fds:
-            os.fsync(fd)
-        self.close()
+        shards, self._files = self._files, []
+        for shard in shards:
+            shard.close(fsync=True)
         files = list(self.files)
         if len(self.files) > 1:
             index = {
@@ -311,7 +282,7 @@ class ShardedSafetensorsWriter:
                 f.flush()
                 os.fsync(f.fileno())
             files.append(INDEX_NAME)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._written = files
         return list(files)
 
@@ -320,9 +291,9 @@ class ShardedSafetensorsWriter:
         with self._lock:
             self._done = True
             self._lock.wait_for(lambda: self._inflight == 0)
-            fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
+            shards, self._files = self._files, []
+        for shard in shards:
+            shard.close(fsync=False)
 
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
@@ -346,11 +317,3 @@ def _same_layout(path: str, head: bytes, size: int) -> bool:
             return f.read(len(head)) == head
     except OSError:
         return False
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

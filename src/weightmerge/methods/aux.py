@@ -1,6 +1,7 @@
 """Per-tensor statistics passed through ``params`` (Fisher diagonals, RegMean Gram matrices).
 
-A statistics parameter is a list with one mapping per model. Two layouts exist:
+A statistics parameter is a list with one mapping per model. Its ``Param.layout`` says how it is
+keyed:
 
 * ``"param"`` (Fisher): keyed by the tensor name, same shape as the tensor; a row-chunk of the
   tensor gets the same rows of the statistic.
@@ -17,17 +18,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from weightmerge.io.base import TensorSource
 from weightmerge.methods.base import MethodSpec
-
-AuxLayout = Literal["param", "module_gram"]
-
-# Layout of each statistics parameter name; names not listed are "param".
-AUX_LAYOUTS: Mapping[str, AuxLayout] = {"fisher": "param", "gram": "module_gram"}
 
 
 def module_name(tensor_name: str) -> str | None:
@@ -156,11 +152,12 @@ def gather_aux(
 ) -> dict[str, torch.Tensor]:
     """Stack the per-model statistics a method needs for tensor ``name`` (see each method)."""
     out: dict[str, torch.Tensor] = {}
-    for key in spec.aux_inputs:
-        per_model = params.get(key)
+    for p in spec.params:
+        key = p.name
+        per_model = params.get(key) if p.kind == "stats" else None
         if per_model is None:
             continue
-        if AUX_LAYOUTS.get(key, "param") == "module_gram":
+        if p.layout == "module_gram":
             t = _gather_module_gram(key, per_model, name, rows, dtype)
         else:
             t = _gather_param(key, per_model, name, rows, tuple(shape), dtype)

@@ -42,8 +42,15 @@ from typing import Any, Literal
 
 import torch
 
+from weightmerge.io.output import CHECKPOINT, OutputFormat
+
 Tensor = torch.Tensor
 ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
+# How a side input (a ``kind="stats"`` parameter: per-model tensors the user supplies, e.g. Fisher
+# diagonals) is keyed; see ``weightmerge.methods.aux``:
+#   "param"       -- by tensor name, the tensor's shape (a row chunk gets the same rows);
+#   "module_gram" -- by module name (tensor "m.weight" <-> key "m"), a square (d, d) Gram matrix.
+SideLayout = Literal["param", "module_gram"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Param:
     high_open: bool = False  # True: value must be < high (else <=)
     required: bool = False
     tensor_scoped: bool = True  # may vary per tensor (filters / gradients); False = model-level
+    layout: SideLayout = "param"  # kind "stats" only: how the side input is keyed (see SideLayout)
 
 
 @dataclass(frozen=True)
@@ -132,35 +140,34 @@ StatRequest = Reduce | OrderStat | SampleCapture
 
 
 @dataclass(frozen=True)
-class EMRTensor:
-    """EMR's per-tensor output: the unified task vector and one boolean mask per model."""
-
-    unified: Tensor  # (*shape) compute dtype
-    masks: Tensor  # (n_models, *shape) bool
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     name: str
     summary: str
     paper: str
     params: tuple[Param, ...]
-    apply: Callable[[TensorCtx], Tensor | EMRTensor]
+    # The merged tensor (chunk) in the compute dtype, or whatever the method's ``output`` format
+    # takes (EMR: an ``EMRTensor``).
+    apply: Callable[[TensorCtx], Any]
     inputs: Literal["deltas", "weights"] = "deltas"
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
     # Statistics passes, built from the model-level params: a list of passes, each a list of requests.
     passes: Callable[[Mapping[str, Any]], Sequence[Sequence[StatRequest]]] = lambda _p: ()
-    # True: apply() may be called on row-chunks (no whole-tensor statistic inside apply). A callable
-    # decides from the model-level params (e.g. PCB: global scope is element-wise, per_tensor is not).
-    elementwise: bool | Callable[[Mapping[str, Any]], bool] = True
-    # Per-tensor statistics the method reads from ``ctx.aux`` (keys of params holding dicts).
-    aux_inputs: tuple[str, ...] = ()
+    # True: apply() may be called on row chunks of a tensor (its result on a chunk is the matching
+    # rows of its result on the whole tensor: no whole-tensor statistic inside apply). A callable
+    # decides from the model-level params (e.g. PCB: global scope is chunkable, per_tensor is not).
+    row_chunkable: bool | Callable[[Mapping[str, Any]], bool] = True
     # Cross-parameter validation on model-level params; raise ValueError with a clear message.
     check: Callable[[Mapping[str, Any], int], None] = lambda _p, _n: None
+    # Plan-time rule on which parameters vary per tensor (filters, gradients), run before any tensor
+    # data is read by the config loader (so ``weightmerge validate`` reports it) and by the planner:
+    # (model-level params, {param name: where it varies}) -> raise ValueError naming the param.
+    check_varying: Callable[[Mapping[str, Any], Mapping[str, str]], None] = lambda _p, _v: None
     # Model-level outputs computed from the final statistics (EMR: {"rescalers": [...]}).
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
+    # What the results become (weightmerge.io.output): a checkpoint, or the method's own format.
+    output: OutputFormat = CHECKPOINT
     # True: the result does not depend on the order of the models (their per-model parameters and
     # statistics permuted with them) beyond float rounding. A callable decides from the model-level
     # params (random draws are seeded by the model's index: DARE is order-dependent only when it
@@ -173,14 +180,21 @@ class MethodSpec:
     def is_order_invariant(self, model_params: Mapping[str, Any]) -> bool:
         return self.order_invariant(model_params) if callable(self.order_invariant) else self.order_invariant
 
-    def is_elementwise(self, model_params: Mapping[str, Any]) -> bool:
-        return self.elementwise(model_params) if callable(self.elementwise) else bool(self.elementwise)
+    def is_row_chunkable(self, model_params: Mapping[str, Any]) -> bool:
+        return self.row_chunkable(model_params) if callable(self.row_chunkable) else bool(self.row_chunkable)
 
-    def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
+    @property
+    def aux_inputs(self) -> tuple[str, ...]:
+        """The side inputs the method reads from ``ctx.aux``: its ``kind="stats"`` parameters."""
+        return tuple(p.name for p in self.params if p.kind == "stats")
+
+    def check_rules(
+        self, model_params: Mapping[str, Any], n_models: int, varying: Mapping[str, str] | None = None
+    ) -> None:
+        """Every plan-time rule of the method: ``check`` on the model-level params, then
+        ``check_varying`` with the parameters that vary per tensor (``{name: where}``)."""
+        self.check(model_params, n_models)
+        self.check_varying(model_params, dict(varying or {}))
 
 
 def row_partials(t: Tensor, full_ndim: int, op: Literal["sum", "max", "min"] = "sum") -> Tensor:

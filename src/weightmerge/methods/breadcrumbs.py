@@ -104,7 +104,7 @@ SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2312.06795",
     params=_params("divide by the sum of weights"),
     apply=_make_apply(linear_sum),
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"density": 0.5, "gamma": 0.1},),
 )
@@ -115,7 +115,7 @@ TIES_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2312.06795",
     params=_params("divide by the sum of agreeing weights"),
     apply=_make_apply(consensus_sum),
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"density": 0.5, "gamma": 0.1, "normalize": True},),
 )

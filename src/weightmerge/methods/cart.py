@@ -74,7 +74,7 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"rank_ratio": 0.5, "prior": 1.5},),
 )

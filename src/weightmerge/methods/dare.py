@@ -196,7 +196,7 @@ LINEAR_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2311.03099",
     params=_params("divide by the sum of weights"),
     apply=_apply_linear,
-    elementwise=lambda p: p["rescale"] != "l1",
+    row_chunkable=lambda p: p["rescale"] != "l1",
     order_invariant=_draws_nothing,
     examples=({"density": 0.6}, {"density": 0.5, "rescale": "inverse_keep", "normalize": True}),
 )
@@ -207,7 +207,7 @@ TIES_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2311.03099",
     params=_params("divide by the sum of agreeing weights"),
     apply=_apply_ties,
-    elementwise=lambda p: p["rescale"] != "l1",
+    row_chunkable=lambda p: p["rescale"] != "l1",
     order_invariant=_draws_nothing,
     examples=({"density": 0.5}, {"density": 0.5, "rescale": "inverse_keep"}),
 )

@@ -101,7 +101,7 @@ def _check(params: Mapping[str, Any], n_models: int) -> None:
             check_della_bounds(d, e, f" (model {i})")
 
 
-def _elementwise(params: Mapping[str, Any]) -> bool:
+def _row_chunkable(params: Mapping[str, Any]) -> bool:
     return not params["rescale"] or params["rescale_mode"] == "inverse_keep"
 
 
@@ -160,7 +160,7 @@ SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2406.11617",
     params=_params(True, "divide by the sum of agreeing weights"),
     apply=_make_apply(consensus_sum),
-    elementwise=_elementwise,
+    row_chunkable=_row_chunkable,
     check=_check,
     order_invariant=_draws_nothing,
     examples=({"density": 0.6, "epsilon": 0.1}, {"density": 0.6, "rescale_mode": "inverse_keep"}),
@@ -172,7 +172,7 @@ LINEAR_SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2406.11617",
     params=_params(False, "divide by the sum of weights"),
     apply=_make_apply(linear_sum),
-    elementwise=_elementwise,
+    row_chunkable=_row_chunkable,
     check=_check,
     order_invariant=_draws_nothing,
     examples=({"density": 0.6, "epsilon": 0.1},),

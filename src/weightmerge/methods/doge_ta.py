@@ -142,7 +142,7 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     passes=_passes,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"density": 0.5, "steps": 10, "subspace": 2},),
 )

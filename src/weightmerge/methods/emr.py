@@ -14,7 +14,7 @@ Per task, over all merged tensors (``rescale``):
     global (the paper's formula):
         lambda_t = sum |tau_t| / sum |M_t * unified|             (sums over every merged entry)
 
-Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.api.EMRResult``).
+Task t is reconstructed as theta_0 + lambda_t * M_t * unified (``weightmerge.emr.EMRResult``).
 
 Paper: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024),
 arXiv:2405.17461; semantics of harveyhuang18/EMR_Merging (docs/methods/emr.md). The paper elects
@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from weightmerge.emr.output import EMR_ARTIFACT
+from weightmerge.emr.result import EMRTensor
 from weightmerge.methods.base import (
-    EMRTensor,
     MethodSpec,
     Param,
     Reduce,
@@ -130,6 +131,7 @@ SPEC = MethodSpec(
     apply=_apply,
     passes=_passes,
     finalize=_finalize,
+    output=EMR_ARTIFACT,
     order_invariant=True,
     examples=({"rescale": "global"},),
 )

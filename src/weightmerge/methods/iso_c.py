@@ -48,7 +48,7 @@ SPEC = MethodSpec(
     paper="https://arxiv.org/abs/2502.04959",
     params=(Param("lambda", "float", 1.0, "scale of the merged task vector (the paper tunes 1.3-1.9)"),),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"lambda": 1.3},),
 )

@@ -90,7 +90,7 @@ SPEC = MethodSpec(
         ),
     ),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"common_fraction": 0.5, "lambda": 1.2},),
 )

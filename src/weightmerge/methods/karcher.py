@@ -79,7 +79,7 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"max_iter": 3},),
 )

@@ -60,7 +60,7 @@ def _apply(ctx: TensorCtx) -> Tensor:
     return model_stock_merge(ctx.base, ctx.x, filter_wise=bool(ctx.params["filter_wise"]))
 
 
-def _elementwise(params: Mapping[str, Any]) -> bool:
+def _row_chunkable(params: Mapping[str, Any]) -> bool:
     return bool(params["filter_wise"])
 
 
@@ -80,7 +80,7 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     min_models=2,
-    elementwise=_elementwise,
+    row_chunkable=_row_chunkable,
     order_invariant=True,
     examples=({"filter_wise": True},),
 )

@@ -77,7 +77,7 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"normalize_weights": False},),
 )

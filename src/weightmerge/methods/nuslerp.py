@@ -65,7 +65,7 @@ def _apply(ctx: TensorCtx) -> Tensor:
     return ctx.base + nuslerp(t, tau[0], tau[1], flatten=flat, row_wise=rows)
 
 
-def _elementwise(params: Mapping[str, Any]) -> bool:
+def _row_chunkable(params: Mapping[str, Any]) -> bool:
     return not params["nuslerp_flatten"] and not params["nuslerp_row_wise"]
 
 
@@ -95,7 +95,7 @@ SPEC = MethodSpec(
     needs_base=False,
     min_models=2,
     max_models=2,
-    elementwise=_elementwise,
+    row_chunkable=_row_chunkable,
     order_invariant=True,
     examples=(
         {"weight": [1.0, 3.0]},

@@ -368,7 +368,7 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     passes=_passes,
-    elementwise=lambda p: p["scope"] == "global",
+    row_chunkable=lambda p: p["scope"] == "global",
     order_invariant=_draws_nothing,
     examples=(
         {"keep_ratio": 0.2},

@@ -139,6 +139,7 @@ SPEC = MethodSpec(
             None,
             "input Gram matrix per model: a list of dicts module name -> (in, in) tensor",
             required=True,
+            layout="module_gram",
         ),
         Param(
             "reduce_non_diagonal_ratio",
@@ -158,8 +159,7 @@ SPEC = MethodSpec(
     apply=_apply,
     inputs="weights",
     needs_base=False,
-    elementwise=False,
-    aux_inputs=("gram",),
+    row_chunkable=False,
     check=_check,
     order_invariant=True,
     examples=({"reduce_non_diagonal_ratio": 0.8},),

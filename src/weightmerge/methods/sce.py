@@ -79,7 +79,7 @@ SPEC = MethodSpec(
         Param("int8_mask", "bool", False, "accepted for mergekit configs; no effect", tensor_scoped=False),
     ),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"select_topk": 0.5},),
 )

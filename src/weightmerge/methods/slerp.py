@@ -63,6 +63,6 @@ SPEC = MethodSpec(
     needs_base=True,
     min_models=1,
     max_models=1,
-    elementwise=False,
+    row_chunkable=False,
     examples=({"t": 0.3},),
 )

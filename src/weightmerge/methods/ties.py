@@ -338,6 +338,17 @@ def _check(p: Mapping[str, Any], n: int) -> None:
         )
 
 
+def _check_varying(p: Mapping[str, Any], varying: Mapping[str, str]) -> None:
+    """Global scope: the thresholds are computed once, for the model-level densities, by the
+    statistics passes; a density that varies per tensor (filter, gradient) cannot be honoured."""
+    if effective_scope(p) == "global" and "density" in varying:
+        raise ValueError(
+            f"method 'ties' (variant {p['variant']!r}, scope global): density varies per tensor "
+            f"({varying['density']}), but global thresholds exist only for the model-level densities; "
+            "give one density per model, or use scope: per_tensor"
+        )
+
+
 SPEC = MethodSpec(
     name="ties",
     summary="TIES-Merging: trim small deltas, elect a sign per entry, average the agreeing deltas.",
@@ -396,8 +407,9 @@ SPEC = MethodSpec(
     ),
     apply=_apply,
     passes=_passes,
-    elementwise=lambda p: effective_scope(p) == "global",
+    row_chunkable=lambda p: effective_scope(p) == "global",
     check=_check,
+    check_varying=_check_varying,
     order_invariant=True,
     examples=(
         {"density": 0.3},  # the fused per-tensor path

@@ -75,7 +75,7 @@ SPEC = MethodSpec(
         Param("lambda", "float", 1.0, "scale of the merged task vector"),
     ),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"weight": [1.0, 0.5, 1.5], "lambda": 0.8}, {"lines_alpha": 0.5, "lines_beta": 0.5}),
 )

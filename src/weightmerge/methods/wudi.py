@@ -93,7 +93,7 @@ SPEC = MethodSpec(
         Param("lambda", "float", 1.0, "scale of the merged task vector (not in the reference)"),
     ),
     apply=_apply,
-    elementwise=False,
+    row_chunkable=False,
     order_invariant=True,
     examples=({"steps": 20, "lr": 1e-4},),
 )

@@ -9,7 +9,8 @@ happen inside functions so that importing this package is cheap.
 
 from __future__ import annotations
 
-from weightmerge.search.config import SearchConfig, SearchConfigError, load_search_config, parse_search_config
+from weightmerge.search.config import SearchConfig, SearchConfigError
+from weightmerge.search.loader import load_search_config, parse_search_config
 
 __all__ = ["SearchConfig", "SearchConfigError", "load_search_config", "parse_search_config", "run_search"]
 

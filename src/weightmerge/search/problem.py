@@ -304,7 +304,8 @@ def merge_candidate(
     """The merged state dict of one point (in memory; never written)."""
     import torch
 
-    from weightmerge.api import EMRResult, merge_state_dicts
+    from weightmerge.api import merge_state_dicts
+    from weightmerge.emr.result import EMRResult
 
     out = merge_state_dicts(
         inputs.base,

@@ -283,6 +283,7 @@ def optimise(
                 log(f"search: stopped after {new_evals} new evaluations (stop_after)")
                 return True, new_evals, time.perf_counter() - t_loop
             opt.tell([history.candidates[n + i]["objective"] for i in range(len(points))])
+            history.save()  # fsynced once per generation
             n += len(points)
             gen += 1
             elapsed = time.perf_counter() - t_loop

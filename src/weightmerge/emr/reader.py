@@ -1,7 +1,7 @@
 """Reading EMR artifacts: per-task state dicts (lazy), in-place task switching of a loaded model,
 streamed materialization of one task as a normal HF checkpoint, and ``info``.
 
-Task ``t`` of a merged tensor is ``weightmerge.api.emr_reconstruct(base, unified, mask_t,
+Task ``t`` of a merged tensor is ``weightmerge.emr.result.emr_reconstruct(base, unified, mask_t,
 rescaler_t)`` with the unified vector in the recorded compute dtype; the other tensors are the
 base's, and the task's own tensors (heads, excluded or shape-mismatched tensors) replace or add to
 them. Every operation checks, before it writes anything: the task name, the base (header and
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightmerge.api import emr_reconstruct
 from weightmerge.emr import bits
+from weightmerge.emr.files import Entry, dtype_name, parse_dtype
+from weightmerge.emr.result import emr_reconstruct
 from weightmerge.emr.sources import (
     HASH_CHUNK_BYTES,
     _read_rows,
@@ -37,7 +38,6 @@ from weightmerge.emr.sources import (
     row_chunks,
     tensor_sha256,
 )
-from weightmerge.emr.stfile import Entry, dtype_code, dtype_name, parse_dtype, read_header
 from weightmerge.emr.writer import (
     DEFAULT_SHARD_BYTES,
     FORMAT,
@@ -49,6 +49,7 @@ from weightmerge.emr.writer import (
 from weightmerge.io._common import inside_model
 from weightmerge.io.atomic import atomic_output_dir, check_output_clear, copy_tokenizer_files
 from weightmerge.io.base import TensorInfo, TensorSource
+from weightmerge.io.safetensors_format import dtype_code, numel, read_header
 from weightmerge.io.writer import ShardedSafetensorsWriter
 
 BaseLike = TensorSource | Mapping[str, torch.Tensor] | str | os.PathLike[str]
@@ -68,7 +69,7 @@ class MergedTensor:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return numel(self.shape)
 
 
 class ArtifactError(ValueError):
