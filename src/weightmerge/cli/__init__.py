@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from weightmerge._deferred import defer
+
+    defer()  # torch, numba, transformers: imported where tensor data is first touched, not before
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -123,6 +126,12 @@ def _os_error(err: BaseException) -> str:
     }
     hint = hints.get(getattr(err, "errno", None) or -1)
     return f"{text} ({hint})" if hint and hint not in text else text
+
+
+def mergekit_yaml(argv: Sequence[str] | None = None) -> int:
+    """``weightmerge-yaml CONFIG OUT [mergekit flags]``: ``weightmerge merge`` under a name and
+    argument order that scripts written for ``mergekit-yaml`` expect."""
+    return main(["merge", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ import json
 import os
 import time
 
-from weightmerge.engine.plan import parse_size
-
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -59,6 +57,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _materialize(args: argparse.Namespace) -> int:
     from weightmerge.emr import load_emr, materialize
+    from weightmerge.engine.plan import parse_size
 
     with load_emr(args.artifact) as art:
         base = args.base or art.base["path"]

@@ -6,14 +6,14 @@ import argparse
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from weightmerge.io._common import load_json
-from weightmerge.io.base import TensorSource
-from weightmerge.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from weightmerge.io.sources import Layout, detect_layout, open_source, tied_weights
+if TYPE_CHECKING:
+    from weightmerge.io.base import TensorSource
+    from weightmerge.io.sources import Layout
 
 DEFAULT_ROWS = 25
+EMR_MANIFEST = "emr_manifest.json"  # weightmerge.emr.writer.MANIFEST (not imported: it loads torch)
 
 
 def human_bytes(n: int) -> str:
@@ -31,6 +31,10 @@ def _dtype_name(dtype: object) -> str:
 
 def _open_for_inspect(path: str, base_path: str | None) -> tuple[Layout, TensorSource, dict[str, Any]]:
     """The source to describe. An adapter without --base is described as its own tensors."""
+    from weightmerge.io._common import load_json
+    from weightmerge.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from weightmerge.io.sources import detect_layout, open_source
+
     layout = detect_layout(path)
     extra: dict[str, Any] = {}
     if layout.kind != "peft-adapter":
@@ -61,6 +65,8 @@ def _open_for_inspect(path: str, base_path: str | None) -> tuple[Layout, TensorS
 
 def summarize(path: str, *, base_path: str | None = None) -> dict[str, Any]:
     """Everything ``inspect`` reports, as a JSON-ready dict (every tensor listed)."""
+    from weightmerge.io.sources import tied_weights
+
     layout, src, extra = _open_for_inspect(path, base_path)
     try:
         infos = [src.info(k) for k in src.keys()]  # noqa: SIM118  (a TensorSource is not iterable)
@@ -134,6 +140,12 @@ def format_text(s: dict[str, Any], *, limit: int | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if os.path.isfile(os.path.join(args.path, EMR_MANIFEST)):  # an EMR artifact, not a checkpoint
+        from weightmerge.cli.emr import _info
+
+        if not args.json:
+            print(f"{args.path}: EMR artifact (one shared model, a 1-bit mask and a rescaler per task)")
+        return _info(argparse.Namespace(artifact=args.path, json=args.json, tensors=args.all))
     s = summarize(args.path, base_path=args.base)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -147,7 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="show a checkpoint's layout, architecture, sizes and tensors (headers only)",
         description="Describe a checkpoint: a model directory, a .safetensors/.bin file, an index JSON, "
-        "or a PEFT adapter directory (with --base: folded into that base model).",
+        "a PEFT adapter directory (with --base: folded into that base model), or an EMR artifact "
+        "(as `weightmerge emr info`; --all lists its tensors).",
     )
     p.add_argument("path", help="checkpoint directory or file")
     p.add_argument("--base", default=None, help="for a PEFT adapter: the base model it applies to")

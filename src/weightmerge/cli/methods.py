@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from weightmerge.methods.base import MethodSpec
-from weightmerge.methods.registry import METHODS
+if TYPE_CHECKING:
+    from weightmerge.methods.base import MethodSpec
 
 
 def describe(spec: MethodSpec) -> dict[str, object]:
@@ -30,7 +31,9 @@ def describe(spec: MethodSpec) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    specs = [METHODS[k] for k in sorted(METHODS)] if not args.name else [METHODS[n] for n in args.name]
+    from weightmerge.methods.registry import METHODS, get_method
+
+    specs = [METHODS[k] for k in sorted(METHODS)] if not args.name else [get_method(n) for n in args.name]
     if args.json:
         print(json.dumps([describe(s) for s in specs], indent=2))
         return 0
@@ -49,6 +52,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
-    p.add_argument("name", nargs="*", choices=[*sorted(METHODS), []], help="only these methods")
+    p.add_argument("name", nargs="*", metavar="METHOD", help="only these methods (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run)

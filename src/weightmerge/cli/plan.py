@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from weightmerge.engine.plan import parse_size
-
 
 def _run(args: argparse.Namespace) -> int:
+    from weightmerge.cli.validate import require_paths
     from weightmerge.config import load_config
-    from weightmerge.engine.merge import open_and_plan
 
     cfg = load_config(args.config)
+    cfg = require_paths(cfg)  # before the tensor libraries load: a typo costs no import time
+
+    from weightmerge.engine.merge import open_and_plan
+    from weightmerge.engine.plan import parse_size
+
     inputs = open_and_plan(cfg, max_memory=parse_size(args.max_memory))
     try:
         plan = inputs.plan

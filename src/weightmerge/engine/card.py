@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,8 +22,9 @@ def model_card(
     extra: Sequence[str] = (),
 ) -> str:
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "weightmerge", method.name]}
-    if base_model:
-        front["base_model"] = [base_model, *models]
+    hub_ids = [m for m in ([base_model] if base_model else []) + list(models) if _hub_id(m)]
+    if hub_ids:  # the Hub's metadata field: model ids only, never a local path
+        front["base_model"] = list(dict.fromkeys(hub_ids))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", "# Merged model", ""]
     lines.append(
         f"Made with [weightmerge](https://pypi.org/project/weightmerge/) {__version__} using the "
@@ -47,3 +50,11 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_id(name: str) -> bool:
+    """``org/name`` as the Hugging Face Hub spells model ids, and not a folder on this machine."""
+    return bool(_HUB_ID.match(name)) and not os.path.exists(name)

@@ -42,6 +42,7 @@ class MergeOptions:
     device: str = "auto"  # where the math runs: auto (a GPU when present), cpu, cuda, cuda:N
     allow_nonfinite: bool = False  # merge NaN/Inf values instead of refusing them
     resume: bool = False  # continue a killed merge from its scratch directory (same config and inputs)
+    write_card: bool = True  # README.md (the model card) next to the weights
 
 
 @dataclass
@@ -55,6 +56,14 @@ class MergeReport:
 def open_ref(ref: ModelRef) -> TensorSource:
     from weightmerge.io.sources import open_source
 
+    if ref.layers:  # mergekit's slices: layer ranges of checkpoints, stacked
+        from weightmerge.io.stack import LayerStack
+
+        opened: dict[str, TensorSource] = {}
+        for path, _a, _b in ref.layers:
+            if path not in opened:
+                opened[path] = open_source(path)
+        return LayerStack([(opened[p], a, b) for p, a, b in ref.layers], path=str(ref))
     if ref.lora is None:
         return open_source(ref.path)
     return open_source(ref.lora, base=open_source(ref.path))
@@ -228,15 +237,16 @@ def merge_config(
             (tmp / "weightmerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             for scratch in (*writer.scratch_files, RESUME_FILE):  # bookkeeping of --resume: not output
                 (tmp / scratch).unlink(missing_ok=True)
-            (tmp / "README.md").write_text(
-                model_card(
-                    method=plan.method,
-                    base_model=str(cfg.base_model) if cfg.base_model is not None else None,
-                    models=[str(e.model) for e in cfg.models],
-                    resolved_config=resolved,
-                    extra=list(cfg.notes) + plan.notes,
+            if opts.write_card:
+                (tmp / "README.md").write_text(
+                    model_card(
+                        method=plan.method,
+                        base_model=cfg.display_name(cfg.base_model) if cfg.base_model is not None else None,
+                        models=[cfg.display_name(e.model) for e in cfg.models],
+                        resolved_config=resolved,
+                        extra=list(cfg.notes) + plan.notes,
+                    )
                 )
-            )
     finally:
         inputs.close()
     timings["total_s"] = time.perf_counter() - t0

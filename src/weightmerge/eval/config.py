@@ -51,14 +51,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from weightmerge.config.errors import ConfigError
 from weightmerge.methods._params import did_you_mean, resolve_params
 from weightmerge.methods.registry import METHODS
 
 Scalar = bool | int | float | str
 
 
-class EvalConfigError(ValueError):
-    """An eval config the user must fix (one line: FILE: LOCATION: MESSAGE)."""
+# The one config error type (merge and eval configs): one line, FILE: LOCATION: MESSAGE.
+EvalConfigError = ConfigError
 
 
 class _Doc(BaseModel):

@@ -114,7 +114,7 @@ def _install(tmp: Path, out: Path, *, force: bool) -> None:
         return
     if not force:
         raise FileExistsError(
-            f"output {out} appeared while writing; not replacing it (pass force to replace)"
+            f"output {out} appeared while writing; not replacing it (--force, or force=True, replaces it)"
         )
     if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
         _remove(tmp)  # now holds the old output
@@ -149,7 +149,7 @@ def atomic_output_dir(
     differs). The caller removes ``RESUME_FILE`` and its own journal before the block ends."""
     out = Path(out).absolute()
     if os.path.lexists(out) and not force:
-        raise FileExistsError(f"output {out} already exists (pass force to replace it)")
+        raise FileExistsError(f"output {out} already exists (--force, or force=True, replaces it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"parent directory of output {out} does not exist")
     with output_lock(out):

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-Tensor = torch.Tensor
-_DTYPES = (torch.float32, torch.float64)
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @functools.cache
@@ -32,7 +34,27 @@ def _module() -> ModuleType | None:
         from weightmerge.kernels import _numba
     except ImportError:  # numba missing or broken: the torch code runs
         return None
+    if not _compiled_before(_numba.__file__):
+        print(
+            "weightmerge: compiling the numba kernels on first use (up to a minute; cached for later runs)",
+            file=sys.stderr,
+            flush=True,
+        )
     return _numba
+
+
+def _compiled_before(module_file: str) -> bool:
+    """Whether numba's on-disk cache (``cache=True``) holds compiled kernels of this module: next
+    to it in __pycache__, or under $NUMBA_CACHE_DIR."""
+    stem = os.path.splitext(os.path.basename(module_file))[0]
+    roots = [os.path.join(os.path.dirname(module_file), "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        roots.append(os.environ["NUMBA_CACHE_DIR"])
+    for root in roots:
+        for _dir, _subdirs, files in os.walk(root):
+            if any(f.startswith(stem + ".") and f.endswith(".nbi") for f in files):
+                return True
+    return False
 
 
 def enabled() -> bool:
@@ -44,7 +66,9 @@ def usable(*tensors: Tensor) -> bool:
     if not tensors or _module() is None:
         return False
     dt = tensors[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dt and dt in _DTYPES for t in tensors)
+    return all(
+        t.device.type == "cpu" and t.dtype == dt and dt in (torch.float32, torch.float64) for t in tensors
+    )
 
 
 def _threads() -> None:
@@ -184,7 +208,7 @@ def warm_up() -> bool:
     that the first real call does not pay for it. Returns False when the kernels are off."""
     if _module() is None:
         return False
-    for dt in _DTYPES:
+    for dt in (torch.float32, torch.float64):
         x = torch.zeros(2, 8, dtype=dt)
         row, one = x[0], torch.ones((), dtype=dt)
         window_gather(row, None, one, cap=8)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from weightmerge.methods.base import MethodSpec, Param
+if TYPE_CHECKING:  # annotations only: the config reads parameters without importing torch
+    from weightmerge.methods.base import MethodSpec, Param
 
 
 def did_you_mean(word: str, options: Sequence[str]) -> str:
@@ -48,12 +49,20 @@ def _check_scalar(method: str, p: Param, value: Any, where: str) -> Any:
 
 
 def resolve_params(
-    spec: MethodSpec, raw: Mapping[str, Any] | None, n_models: int, *, where: str = ""
+    spec: MethodSpec,
+    raw: Mapping[str, Any] | None,
+    n_models: int,
+    *,
+    where: str = "",
+    per_tensor: Collection[str] = (),
 ) -> dict[str, Any]:
     """Check ``raw`` against ``spec`` and fill defaults.
 
     Per-model parameters come back as tuples of length ``n_models``; everything else as a scalar.
     Errors name the method, the parameter and (``where``) the tensor or config location.
+    ``per_tensor`` names parameters whose value varies per tensor (filters, gradients) and is
+    therefore absent from a model-level ``raw``: a required one is not reported missing here (it
+    comes back None); the per-tensor resolution checks it for every tensor.
     """
     raw = dict(raw or {})
     known = {p.name: p for p in spec.params}
@@ -72,7 +81,7 @@ def resolve_params(
             continue
         value = raw.get(p.name, p.default)
         if value is None:
-            if p.required:
+            if p.required and p.name not in per_tensor:
                 raise ValueError(f"method {spec.name!r} needs parameter {p.name!r}{where}: {p.help}")
             out[p.name] = tuple([None] * n_models) if p.per_model else None
             continue

@@ -11,9 +11,12 @@ stacked ``(n_models, *shape)`` tensors; nothing here is scope-dependent.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def model_view(per_model: Tensor, like: Tensor) -> Tensor:

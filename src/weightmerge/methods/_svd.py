@@ -8,12 +8,14 @@ of realistic task vectors change in the 4th-5th digit), and their results are ca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods.base import TensorCtx
 
-Tensor = torch.Tensor
-F64 = torch.float64
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def is_matrix(ctx: TensorCtx) -> bool:
@@ -23,7 +25,7 @@ def is_matrix(ctx: TensorCtx) -> bool:
 
 def svd64(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD (U, S, Vh) of ``a`` in float64: U (m, k), S (k,), Vh (k, n), k = min(m, n)."""
-    return torch.linalg.svd(a.to(F64), full_matrices=False)
+    return torch.linalg.svd(a.to(torch.float64), full_matrices=False)
 
 
 def polar(a: Tensor) -> Tensor:

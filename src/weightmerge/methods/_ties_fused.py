@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightmerge import kernels
 from weightmerge.kernels.sampling import sample_positions, window_ranks
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 SAMPLE_SIZE = 1 << 16  # stratified sample that brackets a row's threshold
 KERNEL_BLOCK = 1 << 14  # columns per parallel work item of the fused kernels
 SELECT_DIRECT = 1 << 17  # rows up to this size: one kthvalue is cheaper than sampling

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from weightmerge.io.base import TensorSource
 from weightmerge.methods.base import MethodSpec
 
 
@@ -51,6 +50,8 @@ def check_stats_param(key: str, value: Any, n_models: int) -> None:
             f"parameter {key!r} has {len(value)} entries but there are {n_models} models "
             "(give one dict of statistics per model)"
         )
+    from weightmerge.io.base import TensorSource  # here: importing io at module level loads torch
+
     for i, d in enumerate(value):
         if isinstance(d, (str, os.PathLike, TensorSource)):
             continue
@@ -75,6 +76,8 @@ def stats_keys(entry: Any) -> list[str]:
 
 
 def _lookup(key: str, entry: Any, name: str) -> torch.Tensor | None:
+    from weightmerge.io.base import TensorSource
+
     if isinstance(entry, Mapping):
         return entry.get(name)
     if isinstance(entry, TensorSource):

@@ -38,13 +38,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from weightmerge.io.output import CHECKPOINT, OutputFormat
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 ParamKind = Literal["float", "int", "bool", "str", "float_list", "stats"]
 # How a side input (a ``kind="stats"`` parameter: per-model tensors the user supplies, e.g. Fisher
 # diagonals) is keyed; see ``weightmerge.methods.aux``:
@@ -70,6 +72,8 @@ class Param:
     required: bool = False
     tensor_scoped: bool = True  # may vary per tensor (filters / gradients); False = model-level
     layout: SideLayout = "param"  # kind "stats" only: how the side input is keyed (see SideLayout)
+    # YAML values mergekit spells differently, read as ours: ((mergekit value, our value), ...)
+    mergekit_values: tuple[tuple[Any, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,12 @@ class MethodSpec:
     finalize: Callable[[Mapping[str, Tensor], Mapping[str, Any]], dict[str, Any]] = lambda _s, _p: {}
     # What the results become (weightmerge.io.output): a checkpoint, or the method's own format.
     output: OutputFormat = CHECKPOINT
+    # mergekit parameters of this method that change nothing here: accepted with a note, dropped.
+    # ((name, why), ...)
+    mergekit_ignored: tuple[tuple[str, str], ...] = ()
+    # A note for configs that set base_model without listing it under models, when that differs
+    # from mergekit (linear: mergekit averages the base in).
+    unlisted_base_note: str | None = None
     # True: the result does not depend on the order of the models (their per-model parameters and
     # statistics permuted with them) beyond float rounding. A callable decides from the model-level
     # params (random draws are seeded by the model's index: DARE is order-dependent only when it

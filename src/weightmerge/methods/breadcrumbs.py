@@ -25,13 +25,15 @@ row-chunked.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 from weightmerge.methods.dare import consensus_sum, drop_and_rescale, linear_sum
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def breadcrumbs_keep(delta: Tensor, *, density: float, gamma: float) -> Tensor:

@@ -22,12 +22,15 @@ SVDs of the matrix, one at a time.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods._svd import check_finite, is_matrix, svd64
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def low_rank(a: Tensor, r: int) -> Tensor:

@@ -23,11 +23,13 @@ for the default). Element-wise: row-chunkable and streamed like task arithmetic.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 DEFAULT_LAMBDA = 1.0
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,7 +33,9 @@ from weightmerge.methods._random import uniform
 from weightmerge.methods._sign import agreement, elect_sign, merge_agreeing, model_view
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 RESCALE_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
 NORMALIZE_EPS = 1e-8  # mergekit: a weight sum below this (in magnitude) divides by 1
 
@@ -180,6 +182,7 @@ def _params(normalize_help: str) -> tuple[Param, ...]:
             "l1: match each task vector's L1 norm (mergekit); inverse_keep: 1/density (DARE paper); none",
             choices=("l1", "inverse_keep", "none"),
             tensor_scoped=False,
+            mergekit_values=((True, "l1"), (False, "none")),
         ),
     )
 

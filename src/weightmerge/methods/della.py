@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,8 @@ from weightmerge.methods._random import uniform
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 from weightmerge.methods.dare import consensus_sum, drop_and_rescale, linear_sum
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def della_keep_probability(delta: Tensor, *, density: float, epsilon: float) -> Tensor:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,9 @@ from weightmerge.methods._svd import is_matrix, svd64
 from weightmerge.methods.base import MethodSpec, OrderStat, Param, StatRequest, TensorCtx
 from weightmerge.methods.wudi import adam_step
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 THR = "doge.thr"
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,7 +44,9 @@ from weightmerge.methods.base import (
     row_partials,
 )
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 NUM, DEN = "emr.num", "emr.den"
 RESCALES = ("per_tensor_mean", "global")
 DEGENERATE_RESCALER = 1.0  # denominator 0: the reconstruction is the base anyway

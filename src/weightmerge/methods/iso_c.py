@@ -21,12 +21,13 @@ memory: one SVD of (m, n) in float64.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from weightmerge.methods._svd import check_finite, is_matrix, svd64
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def iso_c_matrix(tau: Tensor) -> Tensor:

@@ -28,12 +28,15 @@ the stacked factors.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods._svd import check_finite, is_matrix, polar, svd64
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def subspace_sizes(*, k: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:

@@ -19,11 +19,14 @@ model is returned unchanged. Per tensor, not row-chunked.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def karcher_mean(x: Tensor, *, max_iter: int, tol: float) -> Tensor:

@@ -44,4 +44,6 @@ SPEC = MethodSpec(
     needs_base=False,
     order_invariant=True,
     examples=({"normalize": False},),
+    unlisted_base_note="base_model is not averaged in: list it under 'models' to include it (mergekit's "
+    "linear adds it with the global weight)",
 )

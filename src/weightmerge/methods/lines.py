@@ -26,13 +26,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, Reduce, StatRequest, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)(?:\.|$)")
 BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|position|patch|cls_token|class_embedding|conv1|ln_pre")
 BLOCKS_KEY = "lines.max_block"

@@ -17,13 +17,15 @@ t < 0). ``filter_wise: false`` (default) flattens the whole tensor (not row-chun
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 NORM_FLOOR = 1e-6
 SINGULAR = 1e-6
 

@@ -19,11 +19,14 @@ mergekit 0.1.5 semantics and names (``weight``, ``normalize_weights``, ``eps``);
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def multislerp(vectors: Tensor, weights: Tensor, *, eps: float, name: str) -> Tensor:

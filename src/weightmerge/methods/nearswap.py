@@ -14,11 +14,13 @@ model; here the base is ``base`` and the other model is the one entry of ``model
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 DIFF_FLOOR = 1e-6
 
 

@@ -11,11 +11,12 @@ the config layer's job, this method only copies. Element-wise.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _apply(ctx: TensorCtx) -> Tensor:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -60,7 +60,9 @@ from weightmerge.methods.base import (
     TensorCtx,
 )
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 LO, HI, THR, BETA_MAX = "pcb.lo", "pcb.hi", "pcb.thr", "pcb.beta_max"
 T_SAMPLE = "pcb.t_sample"  # task-vector columns at the sampling positions (a capture, not a stat)
 INTERS = ("A", "B", "C")

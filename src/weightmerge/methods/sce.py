@@ -18,12 +18,16 @@ Per tensor (variance ranking and mean squares over the tensor), not row-chunked.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods._sign import agreement, elect_sign
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 WEIGHT_FLOOR = 1e-6
 
 

@@ -20,11 +20,15 @@ inputs). Per tensor (a whole-tensor angle), not row-chunked.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 

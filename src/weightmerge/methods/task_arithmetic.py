@@ -46,4 +46,8 @@ SPEC = MethodSpec(
     apply=_apply,
     order_invariant=True,
     examples=({"lambda": 0.7},),
+    mergekit_ignored=(
+        ("density", "mergekit's task_arithmetic accepts it but does not sparsify"),
+        ("rescale", "mergekit's task_arithmetic accepts it but does not sparsify"),
+    ),
 )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,7 +55,9 @@ from weightmerge.methods.base import (
     row_partials,
 )
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 L1_BEFORE = "ties.l1_before"
 L1_AFTER = "ties.l1_after"
 MAJORITY = "ties.majority"

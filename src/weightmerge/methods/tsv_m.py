@@ -29,12 +29,15 @@ factors plus two SVDs of (m, T r) and (T r, n) matrices, in float64.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from weightmerge.methods._svd import check_finite, is_matrix, per_model, polar, svd64
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def tsv_merge_matrix(tau: Tensor) -> Tensor:

@@ -30,13 +30,16 @@ two Adam moments, the gradient, B and A (n x n) per matrix, besides the inputs.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightmerge.methods._svd import check_finite, is_matrix
 from weightmerge.methods.base import MethodSpec, Param, TensorCtx
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
@@ -60,7 +63,7 @@ def wudi_matrix(tau: Tensor, *, steps: int, lr: float) -> Tensor:
     gram_side = cols <= 2 * len(live) * rows
     a = torch.einsum("tmi,tmj->ij", g, g) if gram_side else None  # (n, n)
     b = sum((tau[t] @ g[i].T) @ g[i] for i, t in enumerate(live))  # (m, n)
-    assert isinstance(b, Tensor)
+    assert isinstance(b, torch.Tensor)
     gs = g.reshape(-1, cols) if not gram_side else None
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)

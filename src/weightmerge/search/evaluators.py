@@ -123,7 +123,9 @@ class BenchmarkEvaluator:
         self._experts = list(expert_bodies) if expert_bodies is not None else None
         self._expert_test: dict[str, float] | None = None
 
-    def _accuracies(self, state: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
+    def _accuracies(
+        self, state: Mapping[str, torch.Tensor], split: str, tasks: Sequence[str] | None = None
+    ) -> dict[str, float]:
         from weightmerge.eval.evaluate import head_accuracy, labels_of, pooled_features
         from weightmerge.eval.model import load_body_state
 
@@ -131,7 +133,7 @@ class BenchmarkEvaluator:
         enc = self.data.validation if split == "validation" else self.data.test
         return {
             t: head_accuracy(self.data.heads[t], pooled_features(self.body, enc[t]), labels_of(enc[t]))
-            for t in self.data.tasks
+            for t in (self.data.tasks if tasks is None else tasks)
         }
 
     def evaluate(self, state: Mapping[str, torch.Tensor], *, split: str) -> dict[str, float]:
@@ -144,7 +146,7 @@ class BenchmarkEvaluator:
             if self._expert_test is None:
                 self._expert_test = {}
                 for t, body in zip(self.data.tasks, self._experts, strict=True):
-                    self._expert_test[t] = self._accuracies(body, "test")[t]
+                    self._expert_test[t] = self._accuracies(body, "test", [t])[t]
             ref = self._expert_test
         acc = self._accuracies(state, split)
         norm = {t: acc[t] / ref[t] if ref[t] > 0 else math.nan for t in self.data.tasks}
