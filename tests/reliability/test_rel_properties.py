@@ -145,8 +145,9 @@ def _mutate(rng: random.Random, blob: bytes) -> bytes:
 
 
 def test_bounded_fuzz_of_the_header_reader(tmp_path: Path) -> None:
-    """Mutations of real files for at most ~3 seconds (fixed seed): only ValueError, and every
-    accepted file is consistent; the number of cases run is printed."""
+    """A fixed number of mutations of real files (fixed seed, about a second on 2 idle cores): only
+    ValueError, and every accepted file is consistent. A count, not a time bound, so a loaded
+    machine runs the same cases (a time bound made the test flaky under load)."""
     seeds = []
     for i, sd in enumerate(
         [
@@ -163,8 +164,7 @@ def test_bounded_fuzz_of_the_header_reader(tmp_path: Path) -> None:
     rng = random.Random(1234)
     p = tmp_path / "fuzz.safetensors"
     cases = accepted = 0
-    t_end = time.monotonic() + 3.0
-    while time.monotonic() < t_end and cases < 20000:
+    while cases < 800:
         blob = _mutate(rng, rng.choice(seeds))
         if rng.random() < 0.3:
             blob = _mutate(rng, blob)
@@ -183,7 +183,7 @@ def test_bounded_fuzz_of_the_header_reader(tmp_path: Path) -> None:
         finally:
             f.close()
     print(f"header fuzz: {cases} cases, {accepted} accepted")
-    assert cases >= 200
+    assert accepted > 0  # some mutations keep a valid file: the accepted branch is exercised
 
 
 # -- merge-config loader --------------------------------------------------------------------------
