@@ -12,7 +12,6 @@ import math
 import random
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import pytest
