@@ -133,10 +133,12 @@ def _mutate(rng: random.Random, blob: bytes) -> bytes:
             b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
     elif kind == 1:  # truncate
         b = b[: rng.randrange(len(b) + 1)]
-    elif kind == 2 and b:  # overwrite a byte of the JSON header with a JSON-significant character
+    elif kind == 2 and len(b) > 8:  # overwrite a byte of the JSON header with a JSON-significant character
         b[rng.randrange(8, max(9, min(len(b), 200)))] = rng.choice(b'{}[]",:0123456789-eE.tfn ')
     elif kind == 3:  # rewrite the length prefix
-        b[:8] = struct.pack("<Q", rng.choice([0, 1, 7, len(b), len(b) - 8, 2**63, rng.randrange(2**16)]))
+        b[:8] = struct.pack(
+            "<Q", rng.choice([0, 1, 7, len(b), max(0, len(b) - 8), 2**63, rng.randrange(2**16)])
+        )
     else:  # duplicate or drop a slice
         i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
         b = b[:i] + (b[i:j] * 2 if rng.random() < 0.5 else b"") + b[j:]
