@@ -317,6 +317,13 @@ def _panels(n: int, title: str) -> tuple[Any, Any]:
     return fig, axes
 
 
+def _save_panels(fig: Any, axes: Any, path: Path, *, ylabel: str, legend_size: int) -> None:
+    """The closing step every study figure shares: the y label, the legend, the file."""
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=legend_size, loc="best")
+    fig.savefig(path)
+
+
 def plot_vs_size(report: Mapping[str, Any], key: str, path: Path, *, title: str) -> None:
     from weightmerge.eval.plots import COLORS
 
@@ -336,9 +343,7 @@ def plot_vs_size(report: Mapping[str, Any], key: str, path: Path, *, title: str)
         ax.set_title(f"{base} base", fontsize=10)
         ax.set_xlabel("body parameters (millions)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("normalised score")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.savefig(path)
+    _save_panels(fig, axes, path, ylabel="normalised score", legend_size=7)
 
 
 def plot_vs_experts(report: Mapping[str, Any], path: Path, *, title: str) -> None:
@@ -364,9 +369,7 @@ def plot_vs_experts(report: Mapping[str, Any], path: Path, *, title: str) -> Non
         ax.set_title(f"{base} base", fontsize=10)
         ax.set_xlabel("experts merged")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("normalised held-in")
-    axes[-1].legend(fontsize=6, loc="best")
-    fig.savefig(path)
+    _save_panels(fig, axes, path, ylabel="normalised held-in", legend_size=6)
 
 
 def plot_merged_vs_multitask(report: Mapping[str, Any], path: Path, *, title: str) -> None:
@@ -387,9 +390,7 @@ def plot_merged_vs_multitask(report: Mapping[str, Any], path: Path, *, title: st
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=7)
         ax.set_title(f"{base} base", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("normalised held-out (1 = base)")
-    axes[-1].legend(fontsize=6, loc="best")
-    fig.savefig(path)
+    _save_panels(fig, axes, path, ylabel="normalised held-out (1 = base)", legend_size=6)
 
 
 def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
